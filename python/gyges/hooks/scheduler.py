@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 def before_run_event_loop(scheduler: Any) -> None:
     if gyges_config(scheduler.server_args) is None:
         return
-    from gyges.control.channel import control_address
     from sglang.srt.runtime_context import get_parallel
+
+    from gyges.control.channel import control_address
 
     rank = get_parallel().dp_rank or 0
     hello = {

@@ -23,12 +23,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 _WORDS = (
-    "the a an of to in and is it that for on with as was by at from be this have or are "
-    "model token cache layer head merge split group rank serve request long short prompt "
-    "replica tensor parallel data memory page block slot weight shard query key value "
-    "fast slow river mountain city ocean forest paper engine cloud light sound time day "
-    "one two three four five six seven eight nine ten hundred thousand what why how who"
-).split()
+    "the", "a", "an", "of", "to", "in", "and", "is", "it", "that", "for", "on", "with",
+    "as", "was", "by", "at", "from", "be", "this", "have", "or", "are", "model", "token",
+    "cache", "layer", "head", "merge", "split", "group", "rank", "serve", "request", "long",
+    "short", "prompt", "replica", "tensor", "parallel", "data", "memory", "page", "block",
+    "slot", "weight", "shard", "query", "key", "value", "fast", "slow", "river", "mountain",
+    "city", "ocean", "forest", "paper", "engine", "cloud", "light", "sound", "time", "day",
+    "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "hundred", "thousand", "what", "why", "how", "who",
+)
 
 
 @dataclass(frozen=True)
