@@ -211,3 +211,14 @@ def test_bf16_ownership_nests() -> None:
     for k in (1, 2, 4):
         for r in range(2 * k):
             assert set(mlp.owned_shards(2 * k, r)) <= set(mlp.owned_shards(k, r % k))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_shards_sum_to_dense_and_release() -> None:
+    gate, up, down = (w.cuda() for w in _dense())
+    mlp = PaddedMLPWeights(gate, up, down, max_degree=G, granule_bytes=GRANULE)
+    x = torch.randn(4, HIDDEN, device="cuda")
+    total = sum(mlp.forward(x, 2, r) for r in range(2))
+    torch.testing.assert_close(total, _reference(x, gate, up, down), atol=1e-4, rtol=1e-4)
+    assert torch.all(mlp.shard_buffer(0)[3 * (INTER // G) * HIDDEN :] == 0)
+    assert mlp.release_unowned(2, 0) == mlp.padded_bytes // 2

@@ -78,7 +78,8 @@ class TransferPlan:
         return tuple(move for move in self.moves if move.dst_rank == rank)
 
     def by_pair(self) -> dict[tuple[int, int], tuple[BlockMove, ...]]:
-        """Moves grouped by `(src_rank, dst_rank)`, in plan order."""
+        """Moves grouped by `(src_rank, dst_rank)`, in plan order: sender and receiver that
+        walk the same pair's tuple agree on the order of the blocks on the wire."""
         out: dict[tuple[int, int], list[BlockMove]] = {}
         for move in self.moves:
             out.setdefault((move.src_rank, move.dst_rank), []).append(move)
