@@ -258,7 +258,7 @@ def test_coalesce_preserves_the_union(ranges: list[SlotRange]) -> None:
         ([1, 0], 1, 2, 4, {}, "ascending"),
         ([0, 1], 1, 2, 3, {}, "does not divide"),
         ([0, 1, 2], 1, 3, 6, {}, "power of two"),
-        ([0, 1], 1, 2, 4, {2: [(0, 1)]}, "local rank"),
+        ([0, 1], 1, 2, 4, {2: [(0, 1)]}, "replica segment 2"),
         ([0, 1], 1, 2, 4, {0: [(0, 9)]}, "slots_per_replica"),
         ([0, 1], 1, 2, 4, {0: [(-1, 2)]}, "invalid slot range"),
     ],

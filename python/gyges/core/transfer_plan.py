@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from gyges.core.kv_layout import check_degree, check_local_rank
+from gyges.core.kv_layout import check_degree
 
 SlotRange = tuple[int, int]  # half-open [start, end) inside one replica segment [0, S)
 
@@ -172,7 +172,8 @@ def _used_segments(
     """Validated, coalesced, non-empty used ranges per replica segment."""
     out: dict[int, tuple[SlotRange, ...]] = {}
     for replica, ranges in used_slots.items():
-        check_local_rank(int(replica), n)
+        if not 0 <= int(replica) < n:
+            raise ValueError(f"replica segment {replica} out of range for a group of {n}")
         merged = coalesce_ranges(ranges)
         if slots_per_replica is not None and merged and merged[-1][1] > slots_per_replica:
             raise ValueError(
