@@ -97,6 +97,20 @@ def test_long_goes_where_merged_instance_has_room():
     assert p.worker_id == "b" and p.reason == "merge-tp2-cost0"
 
 
+def test_requests_finished_after_the_snapshot_free_their_room():
+    a = host(inst((0, 1), used=1500))  # stale: the long request has finished since
+    b = tp1_host(2)
+    assert place_gyges(1500, [view("a", a), view("b", b)]).worker_id == "b"
+    p = place_gyges(1500, [view("a", a, released_long_tokens=1500), view("b", b)])
+    assert (p.worker_id, p.reason) == ("a", "merged-room")
+    full, half = tp1_host(2, used=(900, 900)), tp1_host(2, used=(500, 500))
+    assert place_gyges(100, [view("f", full), view("h", half)]).worker_id == "h"
+    assert (
+        place_gyges(100, [view("f", full, released_short_tokens=1500), view("h", half)]).worker_id
+        == "f"
+    )
+
+
 def test_long_merges_where_cheapest():
     a = tp1_host(4, used=(300, 200, 300, 250))
     b = tp1_host(4, used=(50, 0, 400, 400))

@@ -72,6 +72,7 @@ class HostView:
     """What a policy sees of one worker.
 
     pending_*: tokens of requests this router sent after `status` was taken (not in it yet).
+    released_*: tokens of requests that finished after `status` was taken (still in it).
     outstanding_long_tokens: all long requests sent there and not finished.
     """
 
@@ -82,6 +83,8 @@ class HostView:
     pending_short_tokens: int = 0
     pending_long_tokens: int = 0
     outstanding_long_tokens: int = 0
+    released_short_tokens: int = 0
+    released_long_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,13 +167,14 @@ def _gyges_key(need: int, view: HostView) -> tuple[tuple[int, ...], bool, str]:
     if not long:
         reserved = k_underway * s.tp1_capacity
         tp1_free = sum(i.free_tokens for i in s.instances if i.tp == 1)
-        free = tp1_free - reserved - view.pending_short_tokens
+        delta = view.released_short_tokens - view.pending_short_tokens - reserved
+        free = tp1_free + delta
         if free >= need:
             return (0, -free, queue), False, "tp1-free"
-        any_free = sum(i.free_tokens for i in s.instances) - reserved - view.pending_short_tokens
+        any_free = sum(i.free_tokens for i in s.instances) + delta
         return (3, -any_free, queue), False, "tp1-busy"
     room = max((i.free_tokens for i in s.instances if i.tp > 1), default=0)
-    room -= view.pending_long_tokens
+    room += view.released_long_tokens - view.pending_long_tokens
     if room >= need:
         return (1, -room, queue), True, "merged-room"
     if underway and underway + need <= k_underway * s.tp1_capacity:

@@ -45,11 +45,20 @@ class Worker:
     routed_long: int = 0
     failures: int = 0
     inflight: dict[int, Ticket] = field(default_factory=dict)
+    released: list[Ticket] = field(default_factory=list)  # finished since the snapshot
 
     def set_status(self, status: HostStatus | None, raw: Any, taken_at: float) -> None:
         self.status, self.status_raw, self.status_taken_at = status, raw, taken_at
         self.is_gyges = status is not None
         self.status_error = None
+        self.released = []
+
+    def finish(self, ticket: int) -> None:
+        """A request ended; if the snapshot still counts it, remember it as released."""
+        done = self.inflight.pop(ticket, None)
+        taken = self.status_taken_at
+        if done is not None and taken is not None and done.sent_at < taken:
+            self.released.append(done)
 
     def view(self) -> HostView:
         """The policy's view: snapshot plus this router's requests not yet in the snapshot."""
@@ -63,6 +72,8 @@ class Worker:
             pending_short_tokens=sum(t.need for t in pending if not t.long),
             pending_long_tokens=sum(t.need for t in pending if t.long),
             outstanding_long_tokens=sum(t.need for t in self.inflight.values() if t.long),
+            released_short_tokens=sum(t.need for t in self.released if not t.long),
+            released_long_tokens=sum(t.need for t in self.released if t.long),
         )
 
     def describe(self, now: float) -> dict[str, Any]:
@@ -134,7 +145,7 @@ class WorkerRegistry:
 
     @staticmethod
     def end(worker: Worker, ticket: int) -> None:
-        worker.inflight.pop(ticket, None)
+        worker.finish(ticket)
 
     @staticmethod
     def mark_unreachable(worker: Worker, error: str) -> None:
