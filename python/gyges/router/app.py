@@ -220,11 +220,14 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return error_response(500, f"router error: {type(e).__name__}: {e}")
 
 
+ROUTER_KEY = web.AppKey("router", Router)
+
+
 def build_app(config: RouterConfig) -> web.Application:
     """The router application; workers from `config` are probed when it starts."""
     router = Router(config)
     app = web.Application(middlewares=[json_errors], client_max_size=64 * 1024**2)
-    app["router"] = router
+    app[ROUTER_KEY] = router
     app.on_startup.append(router.start)
     app.on_cleanup.append(router.stop)
     for path in GENERATE_PATHS:
