@@ -182,6 +182,11 @@ def test_baselines_and_dispatch():
     hosts = [view("a", tp1_host(2), outstanding_requests=2), view("b", None)]
     assert [place_round_robin(1, hosts, c).worker_id for c in range(3)] == ["a", "b", "a"]
     assert place_least_load(1, hosts).worker_id == "b"
+    idle = [view("a", None), view("b", None), view("c", None)]
+    assert [place_least_load(1, idle, c).worker_id for c in range(4)] == ["a", "b", "c", "a"]
+    twins = [view("a", tp1_host(2)), view("b", tp1_host(2))]
+    assert [place_gyges(100, twins, c).worker_id for c in range(3)] == ["a", "b", "a"]
+    assert [place_gyges(1500, twins, c).worker_id for c in range(3)] == ["a", "a", "a"]
     assert place("round_robin", 5000, hosts, 0).long
     assert place("gyges", 1, []) is None and place_least_load(1, []) is None
     with pytest.raises(ValueError):

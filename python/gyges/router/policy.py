@@ -190,27 +190,36 @@ def _gyges_key(need: int, view: HostView) -> tuple[tuple[int, ...], bool, str]:
     return (5, view.outstanding_long_tokens, queue), True, "wait-for-merged-room"
 
 
-def place_gyges(need: int, hosts: Sequence[HostView]) -> Placement | None:
-    """Gyges placement; falls back to least-load when no host reports a status."""
+def place_gyges(need: int, hosts: Sequence[HostView], counter: int = 0) -> Placement | None:
+    """Gyges placement; least-load when no host reports a status.
+
+    Ties: a long request goes to the first tied host (so long requests gather on few hosts), a
+    short one to the tied host `counter` positions on (so idle hosts share short requests).
+    """
     if not hosts:
         return None
     if all(h.status is None for h in hosts):
-        return place_least_load(need, hosts)
-    ranked = []
+        return place_least_load(need, hosts, counter)
+    n, ranked = len(hosts), []
     for index, view in enumerate(hosts):
         key, long, reason = _gyges_key(need, view)
-        ranked.append((key, index, long, reason))
-    key, index, long, reason = min(ranked)
+        ranked.append((key, index if long else (index - counter) % n, index, long, reason))
+    *_, index, long, reason = min(ranked)
     return Placement(hosts[index].worker_id, long, reason)
 
 
-def place_least_load(need: int, hosts: Sequence[HostView]) -> Placement | None:
-    """Fewest outstanding requests (then tokens) sent by this router; first wins ties."""
+def place_least_load(need: int, hosts: Sequence[HostView], counter: int = 0) -> Placement | None:
+    """Fewest outstanding requests (then tokens) sent by this router; ties rotate by `counter`."""
     if not hosts:
         return None
+    n = len(hosts)
     index = min(
-        range(len(hosts)),
-        key=lambda i: (hosts[i].outstanding_requests, hosts[i].outstanding_tokens, i),
+        range(n),
+        key=lambda i: (
+            hosts[i].outstanding_requests,
+            hosts[i].outstanding_tokens,
+            (i - counter) % n,
+        ),
     )
     view = hosts[index]
     return Placement(view.worker_id, is_long(need, view.status), "least-load")
@@ -227,9 +236,9 @@ def place_round_robin(need: int, hosts: Sequence[HostView], counter: int) -> Pla
 def place(policy: str, need: int, hosts: Sequence[HostView], counter: int = 0) -> Placement | None:
     """Dispatch to the named policy; None when `hosts` is empty."""
     if policy == "gyges":
-        return place_gyges(need, hosts)
+        return place_gyges(need, hosts, counter)
     if policy == "least_load":
-        return place_least_load(need, hosts)
+        return place_least_load(need, hosts, counter)
     if policy == "round_robin":
         return place_round_robin(need, hosts, counter)
     raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
