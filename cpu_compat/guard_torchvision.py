@@ -1,9 +1,10 @@
 """Guard torchvision's fake-op registrations so a CUDA torchvision imports on CPU torch.
 
-The registry's torchvision wheel registers meta kernels for ``torchvision::nms`` and
-``torchvision::roi_align``-style ops at import; without its compiled extension those
-registrations raise. We wrap the registration decorator so it is a no-op when
-``torchvision.extension._has_ops()`` is false. Idempotent.
+The registry's torchvision wheel is a CUDA build. Its ``_meta_registrations.py`` registers
+fake kernels for ``torchvision::nms`` and ``torchvision::qnms`` unconditionally; without
+the compiled extension those operators do not exist and ``import torchvision`` raises
+(transformers and SGLang import it). We route those decorators through a guard that is a
+no-op when ``torchvision.extension._has_ops()`` is false. Idempotent.
 """
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ import importlib.util
 import pathlib
 import sys
 
-MARK = "# gyges-cpu-guard"
+MARK = "# gyges-cpu-guard-v2"
+TARGET = '@torch.library.register_fake("torchvision::'
+HELPER = f'''
+{MARK}
+def _gyges_guarded_fake(op_name):
+    import torchvision.extension as _ext
+    if not _ext._has_ops():
+        return lambda fn: fn
+    return torch.library.register_fake(op_name)
+
+'''
 
 
 def main() -> int:
@@ -23,17 +34,15 @@ def main() -> int:
     src = path.read_text()
     if MARK in src:
         return 0
-    old = "def register_meta(op_name, overload_name=\"default\"):\n    def wrapper(fn):\n"
-    if old not in src:
+    if TARGET not in src:
+        return 0  # a torchvision without unconditional registrations: nothing to guard
+    anchor = "\ndef register_meta("
+    if anchor not in src:
         print(f"guard_torchvision: unexpected layout of {path}", file=sys.stderr)
         return 1
-    new = old + (
-        f"        {MARK}\n"
-        "        import torchvision.extension as _ext\n"
-        "        if not _ext._has_ops():\n"
-        "            return fn\n"
-    )
-    path.write_text(src.replace(old, new, 1))
+    src = src.replace(TARGET, '@_gyges_guarded_fake("torchvision::')
+    src = src.replace(anchor, HELPER + anchor, 1)
+    path.write_text(src)
     return 0
 
 

@@ -1,0 +1,40 @@
+"""Hook on ``sglang.srt.entrypoints.http_server``: the ``/gyges/*`` routes.
+
+Added to SGLang's FastAPI app just before it starts serving; they forward to the host
+controller over the control channel.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from gyges.control.channel import async_request, control_address
+from gyges.hooks.server_args import gyges_config
+
+TARGET = "sglang.srt.entrypoints.http_server._setup_and_run_http_server"
+
+
+def before_setup_and_run_http_server(server_args: Any, tokenizer_manager: Any,
+                                     template_manager: Any, port_args: Any,
+                                     *args: Any, **kwargs: Any) -> None:
+    if gyges_config(server_args) is None:
+        return
+    from sglang.srt.entrypoints import http_server
+
+    install_routes(http_server.app, control_address(port_args.tokenizer_ipc_name))
+
+
+def install_routes(app: Any, address: str) -> None:
+    from fastapi.responses import ORJSONResponse
+
+    async def gyges_status() -> ORJSONResponse:
+        try:
+            reply = await async_request(address, {"op": "status"}, timeout_s=10.0)
+        except TimeoutError as e:
+            return ORJSONResponse({"error": str(e)}, status_code=503)
+        if not reply.pop("ok"):
+            return ORJSONResponse({"error": reply["error"]}, status_code=reply["status"])
+        reply["processes"]["http_server"] = {"pid": os.getpid()}
+        return ORJSONResponse(reply)
+
+    app.add_api_route("/gyges/status", gyges_status, methods=["GET"])

@@ -1,0 +1,73 @@
+"""Hooks on ``sglang.srt.server_args.ServerArgs``: the ``--gyges-*`` flags and GygesConfig.
+
+``ServerArgs`` is a sealed msgspec struct, so the config rides on the underscore
+attribute ``_gyges``, which survives pickling into every SGLang child process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from gyges.config import DEFAULT_GRANULE_BYTES, POLICIES, GygesConfig, GygesConfigError
+
+TARGET = "sglang.srt.server_args.ServerArgs"
+ATTR = "_gyges"
+
+
+def add_cli_args(_result: None, parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Gyges (dynamic DP <-> TP transformation)")
+    g.add_argument("--enable-gyges", action="store_true",
+                   help="Boot --dp-size TP1 replicas that merge into TP groups at runtime.")
+    g.add_argument("--gyges-max-tp", type=int, default=None,
+                   help="Largest TP degree an instance may reach (power of two; default: "
+                        "dp size, capped by the model's KV heads).")
+    g.add_argument("--gyges-policy", choices=POLICIES, default="gyges",
+                   help="Dispatch policy of the data-parallel controller.")
+    g.add_argument("--gyges-granule-bytes", type=int, default=DEFAULT_GRANULE_BYTES,
+                   help="Allocation granule of padded MLP weight shards (bytes).")
+    g.add_argument("--gyges-split-hold-down", type=float, default=5.0,
+                   help="Seconds a merged instance must hold no long request before it splits.")
+
+
+def from_cli_args(result: Any, _cls: type, args: argparse.Namespace) -> None:
+    """Validate the Gyges flags and attach the frozen config; exit 2 on bad input."""
+    enabled = bool(getattr(args, "enable_gyges", False))
+    try:
+        config = GygesConfig.build(
+            enabled=enabled,
+            tp_size=int(args.tp_size),
+            dp_size=int(args.dp_size),
+            max_tp=args.gyges_max_tp,
+            policy=args.gyges_policy,
+            num_kv_heads=_num_kv_heads(args.model_path) if enabled else 0,
+            granule_bytes=args.gyges_granule_bytes,
+            split_hold_down_s=args.gyges_split_hold_down,
+        )
+    except GygesConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    setattr(result, ATTR, config)
+
+
+def gyges_config(server_args: Any) -> GygesConfig | None:
+    """The server's GygesConfig if ``--enable-gyges`` was given, else None."""
+    config = getattr(server_args, ATTR, None)
+    return config if config is not None and config.enabled else None
+
+
+def _num_kv_heads(model_path: str) -> int:
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        raise GygesConfigError(
+            f"--enable-gyges needs a local model directory with config.json (got {model_path!r})"
+        )
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
+    if not heads:
+        raise GygesConfigError(f"cannot read the number of KV heads from {path}")
+    return int(heads)

@@ -1,0 +1,24 @@
+"""SGLang plugin entry point (group ``sglang.srt.plugins``, name ``gyges``).
+
+SGLang calls :func:`load` in every process (launcher/HTTP server, DP controller,
+schedulers, detokenizer). It only registers hooks; each hook is inert unless the server
+runs with ``--enable-gyges``.
+"""
+from __future__ import annotations
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from gyges.hooks import data_parallel_controller, http_server, scheduler, server_args
+
+
+def load() -> None:
+    reg = HookRegistry.register
+    reg(f"{server_args.TARGET}.add_cli_args", server_args.add_cli_args, HookType.AFTER)
+    reg(f"{server_args.TARGET}.from_cli_args", server_args.from_cli_args, HookType.AFTER)
+    reg(http_server.TARGET, http_server.before_setup_and_run_http_server, HookType.BEFORE)
+    reg(f"{data_parallel_controller.TARGET}.init_dispatcher",
+        data_parallel_controller.after_init_dispatcher, HookType.AFTER)
+    reg(f"{scheduler.TARGET}.init_ipc_channels", scheduler.after_init_ipc_channels,
+        HookType.AFTER)
+    reg(f"{scheduler.TARGET}.run_event_loop", scheduler.before_run_event_loop,
+        HookType.BEFORE)

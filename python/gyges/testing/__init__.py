@@ -1,0 +1,1 @@
+"""Test and demo support: tiny local checkpoints and real-server launch helpers."""
