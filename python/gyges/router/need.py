@@ -1,4 +1,4 @@
-"""Estimate a request's token need (prompt + max new tokens) from its JSON body, without a tokenizer.
+"""Estimate a request's token need (prompt + max new tokens) from its JSON body, no tokenizer.
 
 The router imports no SGLang and loads no tokenizer, so prompt lengths are estimated: token-id
 lists count exactly, text counts `len(text) / chars_per_token` (4 fits English BPE; pass the
