@@ -6,16 +6,16 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gyges.router.need import NeedEstimator
 from gyges.router.policy import POLICIES, place
-from gyges.router.proxy import NoWorkerError, forward_with_retry, pick_any
+from gyges.router.proxy import Chooser, NoWorkerError, forward_with_retry, pick_any
 from gyges.router.status import STATUS_PATH, aggregate
-from gyges.router.workers import HealthConfig, HealthMonitor, WorkerRegistry
+from gyges.router.workers import HealthConfig, HealthMonitor, Worker, WorkerRegistry
 
 logger = logging.getLogger("gyges.router")
 
@@ -88,15 +88,14 @@ class Router:
             return error_response(400, "JSON body must be an object", "invalid_request_error")
         need = self.estimator.estimate(request.path, payload)
 
-        def choose(exclude: set[str]) -> tuple[Any, bool] | None:
-            workers = self.registry.candidates(exclude)
-            placement = place(
-                self.config.policy, need, [w.view() for w in workers], self._rr_counter
-            )
+        def choose(exclude: set[str]) -> tuple[Worker, bool] | None:
+            workers = {w.id: w for w in self.registry.candidates(exclude)}
+            views = [w.view() for w in workers.values()]
+            placement = place(self.config.policy, need, views, self._rr_counter)
             if placement is None:
                 return None
             self._rr_counter += 1
-            return self.registry.find(placement.worker_id), placement.long
+            return workers[placement.worker_id], placement.long
 
         return await self._forward(request, body, choose, need)
 
@@ -104,14 +103,14 @@ class Router:
         """Forward a read-only request (models, health, model info) to any healthy worker."""
         body = await request.read()
 
-        def choose(exclude: set[str]) -> tuple[Any, bool] | None:
+        def choose(exclude: set[str]) -> tuple[Worker, bool] | None:
             worker = pick_any(self.registry.candidates(exclude))
             return None if worker is None else (worker, False)
 
         return await self._forward(request, body, choose, need=None)
 
     async def _forward(
-        self, request: web.Request, body: bytes, choose: Any, need: int | None
+        self, request: web.Request, body: bytes, choose: Chooser, need: int | None
     ) -> web.StreamResponse:
         assert self.session is not None
         if not self.registry.workers():
@@ -206,7 +205,7 @@ class Router:
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn aiohttp's plain-text 404/405 and unexpected exceptions into JSON errors."""
     try:
         return await handler(request)

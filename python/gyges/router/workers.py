@@ -7,6 +7,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,7 +222,7 @@ class HealthMonitor:
         await asyncio.gather(*(refresh_status(self.session, w, timeout) for w in healthy))
 
     @staticmethod
-    async def _every(interval_s: float, job: Any) -> None:
+    async def _every(interval_s: float, job: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(interval_s)
             try:
