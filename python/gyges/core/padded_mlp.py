@@ -1,0 +1,305 @@
+"""Padded, sharded storage of one dense MLP (gate/up/down) so that a merge frees memory
+without copying and a split restores it with one gather.
+
+The intermediate dimension I is cut into G (max degree) column shards of I/G. Shard s is one
+separately allocated flat buffer, padded to the allocation granule::
+
+    shard s (flat, elements)              rows of width Hd
+    [0            , R*Hd)                 gate[s*R:(s+1)*R]     \\ gate_up(s): [2R, Hd]
+    [R*Hd         , 2R*Hd)                up[s*R:(s+1)*R]       /
+    [2R*Hd        , 3R*Hd)                down[:, s*R:(s+1)*R]^T  down_t(s): [R, Hd]
+    [3R*Hd        , padded)               zeros (padding up to a multiple of the granule)
+
+with R = I/G. At degree k local rank r owns the shards s with s % k == r (interleaved, so
+ownership nests like the KV heads), and its partial MLP output is
+`sum over owned s of (silu(x gate_s^T) * (x up_s^T)) down_t(s)`; the k partials all-reduce
+to the dense MLP.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gyges.core.kv_layout import check_local_rank, is_power_of_two
+
+DEFAULT_GRANULE_BYTES = 2 * 1024 * 1024  # CUDA VMM allocation granularity
+
+
+@dataclass(frozen=True)
+class ShardGeometry:
+    """Sizes of one MLP shard. Invariant: `padded_numel * elem_size` is a multiple of
+    `granule_bytes` and `padded_numel >= numel`."""
+
+    hidden: int
+    rows: int  # R = I / G intermediate columns per shard
+    elem_size: int
+    granule_bytes: int
+    layers_per_buffer: int = 1
+
+    @classmethod
+    def for_mlp(
+        cls,
+        hidden: int,
+        intermediate: int,
+        max_degree: int,
+        elem_size: int,
+        granule_bytes: int = DEFAULT_GRANULE_BYTES,
+        layers_per_buffer: int = 1,
+    ) -> ShardGeometry:
+        """Validate the configuration and build its geometry."""
+        if hidden < 1 or intermediate < 1 or elem_size < 1 or layers_per_buffer < 1:
+            raise ValueError("hidden, intermediate, elem_size and layers_per_buffer must be >= 1")
+        if not is_power_of_two(max_degree):
+            raise ValueError(f"max degree must be a power of two, got {max_degree!r}")
+        if intermediate % max_degree != 0:
+            raise ValueError(
+                f"intermediate size {intermediate} is not divisible by max degree {max_degree}"
+            )
+        if granule_bytes < 1 or granule_bytes % elem_size != 0:
+            raise ValueError(
+                f"granule_bytes {granule_bytes} must be a positive multiple of the element "
+                f"size {elem_size}"
+            )
+        return cls(hidden, intermediate // max_degree, elem_size, granule_bytes, layers_per_buffer)
+
+    @property
+    def numel(self) -> int:
+        """Unpadded elements: gate, up and down rows of every layer in the buffer."""
+        return 3 * self.rows * self.hidden * self.layers_per_buffer
+
+    @property
+    def padded_numel(self) -> int:
+        granule = self.granule_bytes // self.elem_size
+        return -(-self.numel // granule) * granule
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.elem_size
+
+    @property
+    def padded_nbytes(self) -> int:
+        return self.padded_numel * self.elem_size
+
+    @property
+    def padding_overhead(self) -> float:
+        """Padding as a fraction of the unpadded bytes."""
+        return (self.padded_numel - self.numel) / self.numel
+
+
+class PaddedMLPWeights:
+    """One layer's MLP in G padded shards; shards can be released and restored at runtime.
+
+    Accounting: `padded_bytes`/`unpadded_bytes` describe all G shards (a full copy);
+    `resident_bytes` is what is allocated now and drops by exactly `release`'s return value.
+    """
+
+    def __init__(
+        self,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        max_degree: int,
+        granule_bytes: int = DEFAULT_GRANULE_BYTES,
+    ) -> None:
+        """gate, up: `[I, Hd]`; down: `[Hd, I]` (torch Linear weight layout)."""
+        if gate.dim() != 2 or gate.shape != up.shape:
+            raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must be [I, Hd]")
+        inter, hidden = gate.shape
+        if tuple(down.shape) != (hidden, inter):
+            raise ValueError(f"down must be [Hd, I] = {(hidden, inter)}, got {tuple(down.shape)}")
+        if not gate.dtype == up.dtype == down.dtype:
+            raise ValueError("gate, up and down must share a dtype")
+        self.hidden = hidden
+        self.intermediate = inter
+        self.max_degree = max_degree
+        self.dtype = gate.dtype
+        self.device = gate.device
+        self.geometry = ShardGeometry.for_mlp(
+            hidden, inter, max_degree, gate.element_size(), granule_bytes
+        )
+        rows = self.geometry.rows
+        self._buffers: list[torch.Tensor | None] = []
+        for s in range(max_degree):
+            cols = slice(s * rows, (s + 1) * rows)
+            buf = self._new_buffer()
+            self._gate_up_of(buf)[:rows].copy_(gate[cols])
+            self._gate_up_of(buf)[rows:].copy_(up[cols])
+            self._down_t_of(buf).copy_(down[:, cols].t())
+            self._buffers.append(buf)
+
+    @classmethod
+    def from_fused(
+        cls,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        max_degree: int,
+        granule_bytes: int = DEFAULT_GRANULE_BYTES,
+    ) -> PaddedMLPWeights:
+        """From a fused `[2I, Hd]` gate_up weight (gate rows first, then up rows, as SGLang's
+        MergedColumnParallelLinear stores them at TP1) and down `[Hd, I]`."""
+        if gate_up.dim() != 2 or gate_up.shape[0] % 2 != 0:
+            raise ValueError(f"gate_up must be [2I, Hd], got {tuple(gate_up.shape)}")
+        gate, up = gate_up.chunk(2, dim=0)
+        return cls(gate, up, down, max_degree, granule_bytes)
+
+    # -- sizes -------------------------------------------------------------------------------
+
+    @property
+    def granule_bytes(self) -> int:
+        return self.geometry.granule_bytes
+
+    @property
+    def shard_rows(self) -> int:
+        """R = I / G intermediate columns per shard."""
+        return self.geometry.rows
+
+    @property
+    def padded_bytes(self) -> int:
+        """Bytes of all G padded shards (a full copy)."""
+        return self.geometry.padded_nbytes * self.max_degree
+
+    @property
+    def unpadded_bytes(self) -> int:
+        """Bytes of the dense gate, up and down weights."""
+        return self.geometry.nbytes * self.max_degree
+
+    @property
+    def padding_overhead(self) -> float:
+        """`padded_bytes / unpadded_bytes - 1`."""
+        return self.geometry.padding_overhead
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes currently allocated for resident shards."""
+        return self.geometry.padded_nbytes * len(self.resident_shards())
+
+    @staticmethod
+    def padding_overhead_for(
+        hidden: int,
+        intermediate: int,
+        max_degree: int,
+        dtype_bytes: int,
+        granule_bytes: int = DEFAULT_GRANULE_BYTES,
+        layers_per_buffer: int = 1,
+    ) -> float:
+        """Padding overhead (fraction of MLP bytes) of a model configuration. With
+        `layers_per_buffer` > 1, one buffer holds shard s of that many layers (an option this
+        class does not implement; it shows what packing layers would save)."""
+        geometry = ShardGeometry.for_mlp(
+            hidden, intermediate, max_degree, dtype_bytes, granule_bytes, layers_per_buffer
+        )
+        return geometry.padding_overhead
+
+    # -- ownership and residency ---------------------------------------------------------------
+
+    def owned_shards(self, k: int, local_rank: int) -> list[int]:
+        """Shards s with s % k == local_rank, ascending (k a power of two <= G)."""
+        if not is_power_of_two(k) or k > self.max_degree:
+            raise ValueError(f"degree {k!r} must be a power of two <= {self.max_degree}")
+        check_local_rank(local_rank, k)
+        return list(range(local_rank, self.max_degree, k))
+
+    def resident_shards(self) -> list[int]:
+        return [s for s, buf in enumerate(self._buffers) if buf is not None]
+
+    def is_resident(self, shard: int) -> bool:
+        self._check_shard(shard)
+        return self._buffers[shard] is not None
+
+    def missing_shards(self, k: int, local_rank: int) -> list[int]:
+        """Shards owned at (k, local_rank) that are not resident: what a split must restore."""
+        return [s for s in self.owned_shards(k, local_rank) if self._buffers[s] is None]
+
+    def release(self, shards: Iterable[int]) -> int:
+        """Drop the buffers of `shards`; returns the padded bytes released. All-or-nothing:
+        raises ValueError (releasing nothing) if any shard is repeated or not resident."""
+        shards = list(shards)
+        if len(set(shards)) != len(shards):
+            raise ValueError(f"duplicate shards in {shards}")
+        for s in shards:
+            if not self.is_resident(s):
+                raise ValueError(f"shard {s} is not resident")
+        for s in shards:
+            self._buffers[s] = None
+        return self.geometry.padded_nbytes * len(shards)
+
+    def release_unowned(self, k: int, local_rank: int) -> int:
+        """Release every resident shard not owned at (k, local_rank): the merge step."""
+        owned = set(self.owned_shards(k, local_rank))
+        return self.release([s for s in self.resident_shards() if s not in owned])
+
+    def restore(self, shard: int, data: torch.Tensor) -> None:
+        """Re-materialise a released shard from `data`, the flat buffer of its owner (padded,
+        as `shard_buffer` returns it, or just the unpadded prefix)."""
+        if self.is_resident(shard):
+            raise ValueError(f"shard {shard} is already resident")
+        if data.dtype != self.dtype:
+            raise ValueError(f"dtype {data.dtype} != {self.dtype}")
+        flat = data.reshape(-1)
+        if flat.numel() not in (self.geometry.numel, self.geometry.padded_numel):
+            raise ValueError(
+                f"shard data has {flat.numel()} elements, expected {self.geometry.numel} "
+                f"(unpadded) or {self.geometry.padded_numel} (padded)"
+            )
+        buf = self._new_buffer()
+        buf[: flat.numel()].copy_(flat)
+        self._buffers[shard] = buf
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def shard_buffer(self, shard: int) -> torch.Tensor:
+        """The flat padded buffer of a resident shard (what a split sends to a peer)."""
+        return self._resident(shard)
+
+    def gate_up(self, shard: int) -> torch.Tensor:
+        """`[2R, Hd]` view: gate rows then up rows of the shard's intermediate columns."""
+        return self._gate_up_of(self._resident(shard))
+
+    def down_t(self, shard: int) -> torch.Tensor:
+        """`[R, Hd]` view: rows of down^T (columns of down) of the shard's columns."""
+        return self._down_t_of(self._resident(shard))
+
+    def forward(self, x: torch.Tensor, k: int, local_rank: int) -> torch.Tensor:
+        """This rank's partial MLP output for `x` `[..., Hd]`; sum over ranks = dense MLP."""
+        rows = self.shard_rows
+        out = x.new_zeros(*x.shape[:-1], self.hidden)
+        for s in self.owned_shards(k, local_rank):
+            gate_up = x @ self.gate_up(s).t()
+            out += (F.silu(gate_up[..., :rows]) * gate_up[..., rows:]) @ self.down_t(s)
+        return out
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _new_buffer(self) -> torch.Tensor:
+        """A flat padded buffer with zeroed padding. On CPU it is its own anonymous mmap, so
+        dropping it unmaps the pages at once (glibc malloc may keep freed chunks below its
+        dynamic mmap threshold in the heap, where RSS never shrinks)."""
+        if self.device.type == "cpu":
+            return torch.frombuffer(mmap.mmap(-1, self.geometry.padded_nbytes), dtype=self.dtype)
+        buf = torch.empty(self.geometry.padded_numel, dtype=self.dtype, device=self.device)
+        buf[self.geometry.numel :].zero_()
+        return buf
+
+    def _gate_up_of(self, buf: torch.Tensor) -> torch.Tensor:
+        rows, hidden = self.shard_rows, self.hidden
+        return buf[: 2 * rows * hidden].view(2 * rows, hidden)
+
+    def _down_t_of(self, buf: torch.Tensor) -> torch.Tensor:
+        rows, hidden = self.shard_rows, self.hidden
+        return buf[2 * rows * hidden : 3 * rows * hidden].view(rows, hidden)
+
+    def _check_shard(self, shard: int) -> None:
+        if not 0 <= shard < self.max_degree:
+            raise ValueError(f"shard {shard} out of range [0, {self.max_degree})")
+
+    def _resident(self, shard: int) -> torch.Tensor:
+        if not self.is_resident(shard):
+            raise ValueError(f"shard {shard} is not resident")
+        buf = self._buffers[shard]
+        assert buf is not None
+        return buf

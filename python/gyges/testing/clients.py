@@ -1,0 +1,52 @@
+"""HTTP client helpers for tests, demos and benchmarks: greedy outputs of a fixed prompt set."""
+from __future__ import annotations
+
+import requests
+
+PROMPTS = (
+    "the model serves a long request",
+    "one two three four five six seven",
+    "merge the replica group and split it back after the long prompt is done",
+    "why is the river near the mountain city so fast",
+)
+
+
+def generate_ids(url: str, input_ids: list[int], max_new_tokens: int = 16) -> list[int]:
+    r = requests.post(url + "/generate", timeout=120, json={
+        "input_ids": input_ids,
+        "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
+                            "ignore_eos": True},
+    })
+    r.raise_for_status()
+    return r.json()["output_ids"]
+
+
+def generate_text(url: str, text: str, max_new_tokens: int = 16) -> dict:
+    r = requests.post(url + "/generate", timeout=120, json={
+        "text": text,
+        "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
+                            "ignore_eos": True},
+    })
+    r.raise_for_status()
+    out = r.json()
+    return {"text": out["text"], "output_ids": out["output_ids"]}
+
+
+def chat(url: str, content: str, max_tokens: int = 12) -> dict:
+    r = requests.post(url + "/v1/chat/completions", timeout=120, json={
+        "model": "tiny", "temperature": 0, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": content}],
+    })
+    r.raise_for_status()
+    choice = r.json()["choices"][0]
+    return {"content": choice["message"]["content"], "finish": choice["finish_reason"]}
+
+
+def greedy_outputs(url: str) -> dict:
+    """Greedy outputs for a fixed prompt set, sent one at a time (identical batches)."""
+    ids = [[(7 * i + 13 * j) % 300 + 5 for j in range(n)] for i, n in enumerate((3, 9, 24, 57))]
+    return {
+        "ids": [generate_ids(url, x) for x in ids],
+        "text": [generate_text(url, p) for p in PROMPTS],
+        "chat": [chat(url, p) for p in PROMPTS[:2]],
+    }

@@ -1,0 +1,130 @@
+"""Start and stop real SGLang servers on CPU for tests, demos and benchmarks.
+
+    with SGLangServer(model_dir, dp_size=2, gyges=True) as srv:
+        requests.post(srv.url + "/generate", json=...)
+
+``gyges=False`` runs stock SGLang: the plugin is filtered out with ``SGLANG_PLUGINS``, so
+no Gyges hook is even registered. Servers run in their own process group and are killed
+as a group on exit; their log is kept in a file and quoted when startup fails.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import requests
+
+from gyges.testing.tiny_model import TinyModelSpec, write_tiny_model
+
+NO_PLUGINS = "__gyges_disabled__"
+CACHE_DIR = Path(os.environ.get("GYGES_CACHE_DIR", Path(__file__).resolve().parents[3]
+                                / ".gyges-cache"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model(spec: TinyModelSpec | None = None, **fields: object) -> Path:
+    """A cached tiny checkpoint for ``spec`` (built once per distinct spec)."""
+    spec = spec or TinyModelSpec(**fields)  # type: ignore[arg-type]
+    key = hashlib.sha256(json.dumps(spec.__dict__, sort_keys=True).encode()).hexdigest()[:12]
+    out = CACHE_DIR / "models" / f"{spec.arch}-{key}"
+    if not (out / "gyges_tiny_model.json").exists():
+        tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None))
+        write_tiny_model(tmp, spec)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process won the race
+            pass
+    return out
+
+
+def cpu_env(num_ranks: int) -> dict[str, str]:
+    """Environment for SGLang's CPU engine with ``num_ranks`` scheduler processes."""
+    cores = os.cpu_count() or 1
+    env = dict(os.environ)
+    env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(num_ranks))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class SGLangServer:
+    """A real ``python -m sglang.launch_server`` process on CPU (float32, torch_native)."""
+
+    def __init__(self, model: str | Path, *, dp_size: int = 1, tp_size: int = 1,
+                 gyges: bool = False, max_total_tokens: int = 4096,
+                 extra_args: Sequence[str] = (), startup_timeout_s: float = 240.0,
+                 port: int | None = None) -> None:
+        self.model = str(model)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.gyges = gyges
+        self.args = [
+            sys.executable, "-m", "sglang.launch_server", "--model-path", self.model,
+            "--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
+            "--mem-fraction-static", "0.05", "--max-total-tokens", str(max_total_tokens),
+            "--dp-size", str(dp_size), "--tp-size", str(tp_size),
+            "--host", "127.0.0.1", "--port", str(self.port), "--skip-server-warmup",
+            *(["--enable-gyges"] if gyges else []), *extra_args,
+        ]
+        self.env = cpu_env(dp_size * tp_size)
+        if not gyges:
+            self.env["SGLANG_PLUGINS"] = NO_PLUGINS
+        self.startup_timeout_s = startup_timeout_s
+        self.log_path = Path(tempfile.mkstemp(prefix="sglang-server-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SGLangServer:
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {self.startup_timeout_s}s:\n"
+                           f"{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def __enter__(self) -> SGLangServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

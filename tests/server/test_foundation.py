@@ -1,0 +1,152 @@
+"""Foundation: the plugin in a real SGLang server on CPU, compared with stock SGLang."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psutil
+import pytest
+import requests
+
+from gyges.testing.server import SGLangServer, cpu_env, tiny_model
+
+from gyges.testing.clients import greedy_outputs
+
+ARCHES = {
+    "llama": dict(arch="llama", heads=4, kv_heads=2),
+    "qwen2": dict(arch="qwen2", heads=8, kv_heads=4, head_dim=16),
+    "qwen3": dict(arch="qwen3", heads=4, kv_heads=4),
+}
+
+
+@pytest.fixture(scope="module")
+def llama_gyges():
+    with SGLangServer(tiny_model(**ARCHES["llama"]), dp_size=2, gyges=True) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_gyges_matches_stock_dp2(arch, request):
+    model = tiny_model(**ARCHES[arch])
+    with SGLangServer(model, dp_size=2, gyges=False) as stock:
+        expected = greedy_outputs(stock.url)
+        assert requests.get(stock.url + "/gyges/status", timeout=10).status_code == 404
+    if arch == "llama":
+        got = greedy_outputs(request.getfixturevalue("llama_gyges").url)
+    else:
+        with SGLangServer(model, dp_size=2, gyges=True) as gy:
+            got = greedy_outputs(gy.url)
+    assert got == expected
+    assert all(len(x) == 16 for x in got["ids"])
+
+
+def test_status_at_boot_and_plugin_in_every_process(llama_gyges):
+    st = requests.get(llama_gyges.url + "/gyges/status", timeout=10).json()
+    assert st["dp_size"] == 2 and st["max_tp"] == 2 and st["policy"] == "gyges"
+    assert [(i["ranks"], i["tp"], i["leader"]) for i in st["instances"]] == [([0], 1, 0),
+                                                                            ([1], 1, 1)]
+    for inst in st["instances"]:
+        assert inst["capacity_tokens"] > 0
+        assert {"used_tokens", "running", "waiting"} <= inst.keys()
+    procs = st["processes"]
+    # Each pid is a live process of this server, and each runs the Gyges hooks: the
+    # schedulers registered from their own process, the controller answered the status.
+    server_tree = {p.pid for p in psutil.Process(llama_gyges.proc.pid).children(recursive=True)}
+    server_tree.add(llama_gyges.proc.pid)
+    pids = [procs["http_server"]["pid"], procs["dp_controller"]["pid"],
+            *[s["pid"] for s in procs["schedulers"]]]
+    assert len(set(pids)) == 4 and set(pids) <= server_tree
+    assert [s["rank"] for s in procs["schedulers"]] == [0, 1]
+    titles = {psutil.Process(p).cmdline()[0] for p in pids[1:]}
+    assert any("data_parallel_controller" in t for t in titles)
+    assert sum("scheduler" in t for t in titles) >= 1
+
+
+def test_sglang_frontend_program(llama_gyges):
+    import sglang as sgl
+
+    @sgl.function
+    def two_turns(s, question):
+        s += "Q: " + question + "\n"
+        s += "A: " + sgl.gen("answer", max_tokens=8, temperature=0)
+        s += "\nQ: and then?\nA: " + sgl.gen("more", max_tokens=6, temperature=0)
+
+    backend = sgl.RuntimeEndpoint(llama_gyges.url)
+    state = two_turns.run(question="the model serves a long request", backend=backend)
+    assert state["answer"] and state["more"]
+    batch = two_turns.run_batch([{"question": "one two"}, {"question": "three four"}],
+                                backend=backend)
+    assert all(s["answer"] for s in batch)
+
+
+def test_openai_client(llama_gyges):
+    import openai
+
+    client = openai.OpenAI(base_url=llama_gyges.url + "/v1", api_key="none")
+    models = client.models.list()
+    assert models.data
+    chat = client.chat.completions.create(
+        model=models.data[0].id, messages=[{"role": "user", "content": "hello"}],
+        max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content
+    stream = client.completions.create(model=models.data[0].id, prompt="the model",
+                                       max_tokens=8, temperature=0, stream=True)
+    pieces = [c.choices[0].text for c in stream if c.choices]
+    full = client.completions.create(model=models.data[0].id, prompt="the model",
+                                     max_tokens=8, temperature=0)
+    assert "".join(pieces) == full.choices[0].text
+
+
+INVALID = [
+    (["--dp-size", "2", "--tp-size", "2"], "requires --tp-size 1"),
+    (["--dp-size", "4", "--gyges-max-tp", "3"], "must be a power of two"),
+    (["--dp-size", "2", "--gyges-max-tp", "4"], "larger than --dp-size 2"),
+    (["--dp-size", "8", "--gyges-max-tp", "4"], "larger than the model's 2 KV heads"),
+    (["--dp-size", "6", "--gyges-max-tp", "4"], "--dp-size 6 must be a multiple"),
+]
+
+# Runs SGLang's own CLI parsing (plugins loaded, as launch_server does) on each case.
+_PARSE_EACH = """
+import json, sys, contextlib, io
+from sglang.srt.plugins import load_plugins
+from sglang.srt.server_args import prepare_server_args
+load_plugins()
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            prepare_server_args(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    out.append([code, err.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def _model_for(message: str) -> str:
+    # The "larger than KV heads" case needs a model with 2 KV heads; the others use 8.
+    return str(tiny_model(arch="llama", heads=8, kv_heads=2 if "KV heads" in message else 8))
+
+
+def test_invalid_flag_combinations_are_refused():
+    cases = [["--model-path", _model_for(m), "--device", "cpu", "--enable-gyges", *flags]
+             for flags, m in INVALID]
+    proc = subprocess.run([sys.executable, "-c", _PARSE_EACH, json.dumps(cases)],
+                          env=cpu_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (flags, message), (code, err) in zip(INVALID, results):
+        assert code == 2, (flags, err)
+        assert message in err, (flags, err)
+
+
+def test_launch_server_exits_with_message():
+    flags, message = INVALID[0]
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", _model_for(message),
+           "--device", "cpu", "--enable-gyges", *flags]
+    proc = subprocess.run(cmd, env=cpu_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
