@@ -20,6 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 import requests
+
 from gyges.testing.server import SGLangServer, free_port, tiny_model
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import aiohttp
 from aiohttp import web
+
 from gyges.router.app import ROUTER_KEY, Router, RouterConfig, build_app
 from gyges.router.need import NeedEstimator
 from gyges.router.workers import HealthConfig

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from gyges.router.__main__ import parse_args
 from router_fakes import FakeWorker, fake_workers, run_async
+
+from gyges.router.__main__ import parse_args
 
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
 

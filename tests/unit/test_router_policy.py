@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gyges.router.policy import (
     HostStatus,
     HostView,
@@ -15,8 +18,6 @@ from gyges.router.policy import (
     place_least_load,
     place_round_robin,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 CAP = 1000  # tokens per rank (one TP1 replica)
 
