@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -59,11 +60,12 @@ class RouterProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         path = f"{PYTHON_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
         env = dict(os.environ, PYTHONPATH=path)
+        self.log = tempfile.NamedTemporaryFile(prefix="gyges-router-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gyges.router", "--worker-urls", *worker_urls,
              "--host", "127.0.0.1", "--port", str(self.port), "--policy", "gyges",
              "--health-check-interval-secs", "1", "--status-interval-secs", "0.25"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -75,7 +77,7 @@ class RouterProcess:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise TimeoutError("router did not report all workers healthy")
+        raise TimeoutError(f"router did not report all workers healthy; log {self.log.name}")
 
     def status(self) -> dict[str, object]:
         return requests.get(self.url + "/gyges/status", timeout=10).json()
@@ -84,6 +86,7 @@ class RouterProcess:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=15)
+        self.log.close()
 
 
 @pytest.fixture(scope="module")
