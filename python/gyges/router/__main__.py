@@ -1,0 +1,127 @@
+"""CLI: python -m gyges.router --worker-urls URL [URL ...] --host H --port P [--policy P]."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+import uvloop
+from aiohttp import web
+
+from gyges.router.app import RouterConfig, build_app
+from gyges.router.policy import POLICIES
+from gyges.router.workers import HealthConfig
+
+logger = logging.getLogger("gyges.router")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
+    """Parse the command line into a RouterConfig."""
+    p = argparse.ArgumentParser(
+        prog="python -m gyges.router",
+        description="HTTP router for Gyges (or stock SGLang) servers on several hosts.",
+    )
+    p.add_argument(
+        "--worker-urls",
+        nargs="*",
+        default=[],
+        metavar="URL",
+        help="worker base URLs, e.g. http://10.0.0.1:30000 (more via POST /workers)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="gyges",
+        help="gyges (status-aware; least-load for stock servers), or a baseline",
+    )
+    p.add_argument("--health-check-endpoint", default="/health")
+    p.add_argument("--health-check-interval-secs", type=float, default=5.0)
+    p.add_argument(
+        "--health-check-timeout-secs",
+        type=float,
+        default=20.0,
+        help="SGLang's /health runs a one-token generation: allow it time",
+    )
+    p.add_argument(
+        "--health-failure-threshold",
+        type=int,
+        default=2,
+        help="failed checks in a row before a worker is taken out (a request that "
+        "cannot connect takes it out at once)",
+    )
+    p.add_argument(
+        "--status-interval-secs",
+        type=float,
+        default=0.5,
+        help="how often each healthy worker's /gyges/status is polled",
+    )
+    p.add_argument("--connect-timeout-secs", type=float, default=5.0)
+    p.add_argument(
+        "--request-timeout-secs",
+        type=float,
+        default=None,
+        help="total time limit per proxied request (default: none)",
+    )
+    p.add_argument(
+        "--chars-per-token",
+        type=float,
+        default=4.0,
+        help="prompt-length estimate for text prompts (no tokenizer in the router)",
+    )
+    p.add_argument("--log-level", default="info")
+    a = p.parse_args(argv)
+    logging.basicConfig(
+        level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    health = HealthConfig(
+        endpoint=a.health_check_endpoint,
+        interval_s=a.health_check_interval_secs,
+        timeout_s=a.health_check_timeout_secs,
+        failure_threshold=a.health_failure_threshold,
+        status_interval_s=a.status_interval_secs,
+    )
+    return RouterConfig(
+        worker_urls=tuple(a.worker_urls),
+        host=a.host,
+        port=a.port,
+        policy=a.policy,
+        health=health,
+        connect_timeout_s=a.connect_timeout_secs,
+        request_timeout_s=a.request_timeout_secs,
+        chars_per_token=a.chars_per_token,
+    )
+
+
+async def serve(config: RouterConfig) -> None:
+    """Run the router until SIGINT or SIGTERM."""
+    runner = web.AppRunner(build_app(config), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    logger.info(
+        "gyges router (%s policy) listening on http://%s:%d",
+        config.policy,
+        config.host,
+        config.port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    uvloop.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

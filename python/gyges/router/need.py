@@ -1,0 +1,86 @@
+"""Estimate a request's token need (prompt + max new tokens) from its JSON body, no tokenizer.
+
+The router imports no SGLang and loads no tokenizer, so prompt lengths are estimated: token-id
+lists count exactly, text counts `len(text) / chars_per_token` (4 fits English BPE; pass the
+ratio of your tokenizer with --chars-per-token). For a batch (/generate with a list of prompts)
+the need of its largest member is returned: that decides where the batch fits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# SGLang's defaults: SamplingParams.max_new_tokens = 128, CompletionRequest.max_tokens = 16.
+# Chat requests without a limit may run to the context length; 128 is the router's guess.
+DEFAULT_MAX_NEW_TOKENS = {"/generate": 128, "/v1/completions": 16, "/v1/chat/completions": 128}
+CHAT_TOKENS_PER_MESSAGE = 4  # role markers of a chat template
+
+
+@dataclass(frozen=True)
+class NeedEstimator:
+    """Estimates `need` = prompt tokens + max new tokens of one request."""
+
+    chars_per_token: float = 4.0
+
+    def text_tokens(self, text: str) -> int:
+        return math.ceil(len(text) / self.chars_per_token)
+
+    def prompt_tokens(self, prompt: Any) -> list[int]:
+        """Token counts of the prompts in `prompt` (str, ids, or a batch of either)."""
+        if isinstance(prompt, str):
+            return [self.text_tokens(prompt)]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(x, int) for x in prompt):
+                return [len(prompt)]
+            return [n for p in prompt for n in self.prompt_tokens(p)]
+        return [0]
+
+    def chat_tokens(self, messages: Any) -> int:
+        if not isinstance(messages, list):
+            return 0
+        total = 0
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            total += CHAT_TOKENS_PER_MESSAGE
+            content = message.get("content")
+            if isinstance(content, str):
+                total += self.text_tokens(content)
+            elif isinstance(content, list):
+                for part in content:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        total += self.text_tokens(part["text"])
+        return total
+
+    def estimate(self, path: str, body: dict[str, Any]) -> int:
+        """Need in tokens of a request to `path` with JSON `body` (largest batch member)."""
+        default = DEFAULT_MAX_NEW_TOKENS.get(path, 128)
+        if path == "/generate":
+            if body.get("input_ids") is not None:
+                prompts = self.prompt_tokens(body["input_ids"])
+            else:
+                prompts = self.prompt_tokens(body.get("text"))
+            params = body.get("sampling_params")
+            if isinstance(params, list):  # one dict per batch member
+                limits = [_int(p.get("max_new_tokens"), default) for p in params if _is_dict(p)]
+                new = max(limits, default=default)
+            else:
+                new = _int(params.get("max_new_tokens"), default) if _is_dict(params) else default
+            return max(prompts) + new
+        if path == "/v1/chat/completions":
+            new = _int(body.get("max_completion_tokens"), _int(body.get("max_tokens"), default))
+            return self.chat_tokens(body.get("messages")) + new
+        new = _int(body.get("max_tokens"), default)
+        return max(self.prompt_tokens(body.get("prompt"))) + new
+
+
+def _int(value: Any, default: int) -> int:
+    return (
+        value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+    )
+
+
+def _is_dict(value: Any) -> bool:
+    return isinstance(value, dict)

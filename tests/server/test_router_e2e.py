@@ -1,0 +1,210 @@
+"""The router in front of two real Gyges servers (dp 2 each, tiny model, CPU, float32).
+
+One module-scoped pair of servers and one router process serve every test; the last test kills
+one server, so the order of the tests in this file matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from gyges.testing.server import SGLangServer, free_port, tiny_model
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
+
+RANK_TOKENS = 1024  # --max-total-tokens: one TP1 replica's KV capacity
+PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
+WORDS = "the model token cache merge split group rank serve request long short prompt".split()
+
+
+def prompt(i: int, words: int = 12) -> str:
+    rng = random.Random(i)
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def short_body(i: int) -> dict[str, object]:
+    params = {"max_new_tokens": 8, "temperature": 0}
+    return {"text": prompt(i), "sampling_params": params}
+
+
+def long_body(i: int, tokens: int) -> dict[str, object]:
+    rng = random.Random(1000 + i)
+    ids = [rng.randrange(300, 1000) for _ in range(tokens)]
+    return {"input_ids": ids, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+
+
+def generate(url: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+    resp = requests.post(url + "/generate", json=body, timeout=300)
+    return resp.status_code, resp.json()
+
+
+class RouterProcess:
+    """`python -m gyges.router` in its own process group."""
+
+    def __init__(self, worker_urls: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        path = f"{PYTHON_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+        env = dict(os.environ, PYTHONPATH=path)
+        self.log = tempfile.NamedTemporaryFile(prefix="gyges-router-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gyges.router", "--worker-urls", *worker_urls,
+             "--host", "127.0.0.1", "--port", str(self.port), "--policy", "gyges",
+             "--health-check-interval-secs", "1", "--status-interval-secs", "0.25"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                workers = requests.get(self.url + "/workers", timeout=5).json()
+                if workers["stats"]["healthy_count"] == len(worker_urls):
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"router did not report all workers healthy; log {self.log.name}")
+
+    def status(self) -> dict[str, object]:
+        return requests.get(self.url + "/gyges/status", timeout=10).json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[list[SGLangServer]]:
+    model = tiny_model()
+    pair = [SGLangServer(model, dp_size=2, gyges=True, max_total_tokens=RANK_TOKENS)
+            for _ in range(2)]  # fmt: skip
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(SGLangServer.start, pair))
+        yield pair
+    finally:
+        for srv in pair:
+            srv.stop()
+
+
+@pytest.fixture(scope="module")
+def router(servers: list[SGLangServer]) -> Iterator[RouterProcess]:
+    proc = RouterProcess([s.url for s in servers])
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def long_tokens(router: RouterProcess) -> int:
+    """A prompt length that is long for the hosts (> one replica) yet accepted by them."""
+    status = router.status()
+    hosts = [w["status"] for w in status["workers"]]
+    cap = max(i["capacity_tokens"] // i["tp"] for h in hosts for i in h["instances"])
+    limit = min(h["max_request_tokens"] for h in hosts)
+    if limit <= cap + 64:
+        pytest.skip(f"servers take no request above one replica ({cap} tokens) yet")
+    return (cap + limit) // 2
+
+
+def by_url(status: dict[str, object]) -> dict[str, dict[str, object]]:
+    return {w["url"]: w for w in status["workers"]}
+
+
+def test_short_requests_match_direct_and_spread(servers, router):
+    bodies = [short_body(i) for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        routed = list(pool.map(lambda b: generate(router.url, b), bodies))
+    direct = [generate(servers[0].url, b) for b in bodies]
+    assert [s for s, _ in routed] == [200] * len(bodies)
+    assert [r["text"] for _, r in routed] == [d["text"] for _, d in direct]
+    status = by_url(router.status())
+    assert all(status[s.url]["routed_short"] > 0 for s in servers)
+    assert all(status[s.url]["gyges"] for s in servers)
+
+
+def test_long_requests_gather_on_one_host_while_other_serves_short(servers, router):
+    n = long_tokens(router)
+    before = by_url(router.status())
+    longs = [long_body(i, n) for i in range(3)]
+    shorts = [short_body(100 + i) for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        short_futs = [pool.submit(generate, router.url, b) for b in shorts]
+        long_out = [generate(router.url, b) for b in longs]  # one after another
+        short_out = [f.result() for f in short_futs]
+    after = by_url(router.status())
+    assert [s for s, _ in long_out + short_out] == [200] * (len(longs) + len(shorts))
+    direct = [generate(servers[0].url, b)[1]["text"] for b in longs + shorts]
+    assert [r["text"] for _, r in long_out + short_out] == direct
+    delta = {u: {k: after[u][k] - before[u][k] for k in ("routed_long", "routed_short")}
+             for u in after}  # fmt: skip
+    long_hosts = [u for u, d in delta.items() if d["routed_long"]]
+    assert len(long_hosts) == 1 and delta[long_hosts[0]]["routed_long"] == len(longs), delta
+    other = next(u for u in delta if u != long_hosts[0])
+    assert delta[other]["routed_short"] > 0, delta
+
+
+def test_openai_client_streams_through_router(servers, router):
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0)
+    direct = openai.OpenAI(base_url=servers[0].url + "/v1", api_key="none", max_retries=0)
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": prompt(7)}]
+    args = {"model": model, "max_tokens": 10, "temperature": 0}
+    chunks = [c.choices[0].delta.content or "" for c in
+              client.chat.completions.create(messages=messages, stream=True, **args)
+              if c.choices]  # fmt: skip
+    want = direct.chat.completions.create(messages=messages, **args).choices[0].message.content
+    assert len(chunks) > 2 and "".join(chunks) == want
+    pieces = [c.choices[0].text for c in
+              client.completions.create(prompt=prompt(8), stream=True, **args)]  # fmt: skip
+    assert "".join(pieces) == direct.completions.create(prompt=prompt(8), **args).choices[0].text
+
+
+def test_bad_input_and_server_errors_pass_through(servers, router):
+    assert requests.get(router.url + "/nope", timeout=10).status_code == 404
+    resp = requests.post(router.url + "/generate", data=b"{oops", timeout=10)
+    assert resp.status_code == 400 and "malformed JSON" in resp.json()["error"]["message"]
+    too_long = {"input_ids": [5] * (8 * RANK_TOKENS), "sampling_params": {"max_new_tokens": 4}}
+    status, _ = generate(router.url, too_long)
+    assert status == generate(servers[0].url, too_long)[0] == 400
+    assert generate(router.url, short_body(0))[0] == 200
+
+
+def test_killing_one_server_mid_run_keeps_serving(servers, router):
+    victim, survivor = servers[1], servers[0]
+    params = {"max_new_tokens": 16, "temperature": 0}
+    bodies = [dict(short_body(200 + i), sampling_params=params) for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(generate, router.url, b) for b in bodies]
+        deadline = time.monotonic() + 60
+        while by_url(router.status())[victim.url]["outstanding_requests"] == 0:
+            assert time.monotonic() < deadline, "no request reached the victim"
+            time.sleep(0.05)
+        assert victim.proc is not None
+        os.killpg(victim.proc.pid, signal.SIGKILL)  # with requests in flight on it
+        results = [f.result() for f in futs]
+    assert [s for s, _ in results] == [200] * len(bodies), [r for s, r in results if s != 200]
+    direct = [generate(survivor.url, b)[1]["text"] for b in bodies]
+    assert [r["text"] for _, r in results] == direct
+    stream = requests.post(router.url + "/generate", json=dict(short_body(1), stream=True),
+                           timeout=120)  # fmt: skip
+    assert stream.status_code == 200 and stream.text.rstrip().endswith("data: [DONE]")
+    dead = by_url(router.status())[victim.url]
+    assert dead["is_healthy"] is False and dead["last_error"], json.dumps(dead)
+    assert dead["failures"] >= 1  # a request in flight there was retried on the survivor
