@@ -9,9 +9,8 @@ import psutil
 import pytest
 import requests
 
-from gyges.testing.server import SGLangServer, cpu_env, tiny_model
-
 from gyges.testing.clients import greedy_outputs
+from gyges.testing.server import SGLangServer, cpu_env, tiny_model
 
 ARCHES = {
     "llama": dict(arch="llama", heads=4, kv_heads=2),
