@@ -137,7 +137,7 @@ def test_invalid_flag_combinations_are_refused():
                           env=cpu_env(1), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for (flags, message), (code, err) in zip(INVALID, results):
+    for (flags, message), (code, err) in zip(INVALID, results, strict=True):
         assert code == 2, (flags, err)
         assert message in err, (flags, err)
 
