@@ -149,3 +149,17 @@ def test_launch_server_exits_with_message():
     proc = subprocess.run(cmd, env=cpu_env(1), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_sglang_bench_serving_client(llama_gyges, tmp_path):
+    out = tmp_path / "bench.jsonl"
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang",
+           "--base-url", llama_gyges.url, "--dataset-name", "random-ids",
+           "--tokenizer", llama_gyges.model, "--num-prompts", "8",
+           "--random-input-len", "32", "--random-output-len", "8", "--random-range-ratio", "1",
+           "--disable-tqdm", "--warmup-requests", "1", "--output-file", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text().strip().splitlines()[-1])
+    assert result["completed"] == 8
+    assert result["total_output_tokens"] == 8 * 8
