@@ -12,17 +12,13 @@ import requests
 from gyges.testing.clients import greedy_outputs
 from gyges.testing.server import SGLangServer, cpu_env, tiny_model
 
+from .conftest import LLAMA
+
 ARCHES = {
-    "llama": dict(arch="llama", heads=4, kv_heads=2),
+    "llama": LLAMA,
     "qwen2": dict(arch="qwen2", heads=8, kv_heads=4, head_dim=16),
     "qwen3": dict(arch="qwen3", heads=4, kv_heads=4),
 }
-
-
-@pytest.fixture(scope="module")
-def llama_gyges():
-    with SGLangServer(tiny_model(**ARCHES["llama"]), dp_size=2, gyges=True) as srv:
-        yield srv
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])

@@ -1,0 +1,87 @@
+"""Request traces for replay: Azure LLM inference 2023 CSV and Mooncake JSONL.
+
+A trace becomes a list of :class:`TraceRequest` (arrival offset in seconds from the first
+request, input and output lengths in tokens). ``scale`` stretches or compresses arrivals
+(``time_scale`` 0.1 = ten times faster) and lengths (``length_scale`` 0.01 = 1/100 of the
+tokens, at least 1) so that a production trace fits a tiny model on a CPU.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import NamedTuple
+
+
+class TraceRequest(NamedTuple):
+    arrival_s: float
+    input_len: int
+    output_len: int
+
+
+def read_azure_csv(path: str | Path) -> list[TraceRequest]:
+    """Azure LLM inference trace: ``TIMESTAMP,ContextTokens,GeneratedTokens``."""
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            ts = _parse_azure_time(row["TIMESTAMP"])
+            rows.append((ts, int(row["ContextTokens"]), int(row["GeneratedTokens"])))
+    if not rows:
+        return []
+    t0 = min(r[0] for r in rows)
+    return sorted(TraceRequest(t - t0, i, o) for t, i, o in rows)
+
+
+def read_mooncake_jsonl(path: str | Path) -> list[TraceRequest]:
+    """Mooncake trace: one JSON object per line with ``timestamp`` (ms), ``input_length``,
+    ``output_length``."""
+    reqs = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                d = json.loads(line)
+                reqs.append(TraceRequest(d["timestamp"] / 1000.0, int(d["input_length"]),
+                                         int(d["output_length"])))
+    if not reqs:
+        return []
+    t0 = min(r.arrival_s for r in reqs)
+    return sorted(r._replace(arrival_s=r.arrival_s - t0) for r in reqs)
+
+
+def read_trace(path: str | Path) -> list[TraceRequest]:
+    """Pick the reader by file suffix (.csv: Azure, .jsonl/.json: Mooncake)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
+        return read_azure_csv(path)
+    if suffix in (".jsonl", ".json"):
+        return read_mooncake_jsonl(path)
+    raise ValueError(f"unknown trace format {suffix!r}: expected .csv (Azure) or .jsonl "
+                     "(Mooncake)")
+
+
+def scale(trace: Iterable[TraceRequest], *, time_scale: float = 1.0,
+          length_scale: float = 1.0, max_requests: int | None = None,
+          max_input_len: int | None = None) -> list[TraceRequest]:
+    if time_scale <= 0 or length_scale <= 0:
+        raise ValueError("time and length scales must be positive")
+    out = []
+    for r in trace:
+        if max_requests is not None and len(out) >= max_requests:
+            break
+        i = max(1, round(r.input_len * length_scale))
+        if max_input_len is not None:
+            i = min(i, max_input_len)
+        out.append(TraceRequest(r.arrival_s * time_scale, i,
+                                max(1, round(r.output_len * length_scale))))
+    return out
+
+
+def _parse_azure_time(s: str) -> float:
+    s = s.strip()
+    if "." in s:  # the trace has 7 fractional digits; datetime takes at most 6
+        head, frac = s.split(".", 1)
+        s = f"{head}.{frac[:6]}"
+        return datetime.strptime(s, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    return datetime.strptime(s, "%Y-%m-%d %H:%M:%S").timestamp()
