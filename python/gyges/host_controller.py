@@ -12,8 +12,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gyges.comm.groups import validate_group
+from gyges.comm.pool import expected_sum
 from gyges.config import GygesConfig
 from gyges.control.channel import ControlError, Handler, Message
+from gyges.control.commands import CommandBus
 from gyges.topology import Instance, Topology
 
 
@@ -39,16 +42,23 @@ class RankLoad:
 
 LoadReader = Callable[[], Mapping[int, RankLoad]]
 
+COMM_CHECK_TIMEOUT_S = 10.0  # per rank, inside its all-reduce
+COMMAND_TIMEOUT_S = 30.0  # for all replies; longer, so ranks answer before the bus gives up
+
 
 class HostController:
     """Owns the host's :class:`Topology`; thread-safe for the control thread."""
 
-    def __init__(self, config: GygesConfig, read_loads: LoadReader) -> None:
+    def __init__(self, config: GygesConfig, read_loads: LoadReader, *,
+                 commands: CommandBus | None = None, store_port: int | None = None) -> None:
         self.config = config
         self._read_loads = read_loads
+        self._commands = commands
+        self._store_port = store_port
         self._lock = threading.Lock()
         self._topology = Topology.boot(config.dp_size)
         self._ranks: dict[int, RankInfo] = {}
+        self._pool_build_ms: dict[int, float] = {}
 
     @property
     def topology(self) -> Topology:
@@ -56,7 +66,8 @@ class HostController:
             return self._topology
 
     def handlers(self) -> dict[str, Handler]:
-        return {"hello": self._on_hello, "status": lambda _msg: self.status()}
+        return {"hello": self._on_hello, "status": lambda _msg: self.status(),
+                "pool_ready": self._on_pool_ready, "comm_check": self._on_comm_check}
 
     def _on_hello(self, msg: Message) -> Message:
         try:
@@ -68,7 +79,36 @@ class HostController:
             raise ControlError(f"hello from unknown rank {info.rank}")
         with self._lock:
             self._ranks[info.rank] = info
+        if self._store_port is None:
+            return {}
+        return {"pool": {"store_port": self._store_port, "world_size": self.config.dp_size,
+                         "max_tp": self.config.max_tp}}
+
+    def _on_pool_ready(self, msg: Message) -> Message:
+        """A scheduler built and verified its communicator pool groups."""
+        try:
+            rank, build_ms = int(msg["rank"]), float(msg["build_ms"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ControlError(f"malformed pool_ready: {e}") from e
+        with self._lock:
+            self._pool_build_ms[rank] = build_ms
         return {}
+
+    def _on_comm_check(self, msg: Message) -> Message:
+        """All-reduce a known tensor over a pooled group; every member replies."""
+        ranks = validate_group(msg.get("ranks"), self.config.dp_size, self.config.max_tp)
+        with self._lock:
+            not_ready = [r for r in ranks if r not in self._pool_build_ms]
+        if self._commands is None or not_ready:
+            raise ControlError(f"communicator pool not ready on rank(s) {not_ready}", 503)
+        replies = self._commands.run(
+            ranks, {"op": "comm_check", "ranks": list(ranks),
+                    "timeout_s": COMM_CHECK_TIMEOUT_S}, COMMAND_TIMEOUT_S)
+        expected = expected_sum(ranks)
+        results = [{k: v for k, v in replies[r].items() if k != "id"} for r in ranks]
+        passed = all(x["ok"] and x.get("result") == expected for x in results)
+        return {"ranks": list(ranks), "expected": expected, "passed": passed,
+                "results": results}
 
     def capacity_of(self, inst: Instance) -> int:
         """KV slots of an instance: the sum of its ranks' pools (each holds 1/k of heads)."""
@@ -78,6 +118,7 @@ class HostController:
         loads = self._read_loads()
         with self._lock:
             topo, ranks = self._topology, dict(self._ranks)
+            pool_ms = dict(self._pool_build_ms)
         instances = []
         for inst in topo.instances:
             load = [loads.get(r, RankLoad()) for r in inst.ranks]
@@ -99,6 +140,8 @@ class HostController:
             "policy": self.config.policy,
             "max_request_tokens": max((i["capacity_tokens"] for i in instances), default=0),
             "instances": instances,
+            "comm_pool": {"ready_ranks": sorted(pool_ms),
+                          "build_ms": {str(r): ms for r, ms in sorted(pool_ms.items())}},
             "processes": {
                 "dp_controller": {"pid": os.getpid()},
                 "schedulers": [

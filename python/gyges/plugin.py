@@ -22,3 +22,4 @@ def load() -> None:
         HookType.AFTER)
     reg(f"{scheduler.TARGET}.run_event_loop", scheduler.before_run_event_loop,
         HookType.BEFORE)
+    reg(f"{scheduler.TARGET}.ingest_requests", scheduler.after_ingest_requests, HookType.AFTER)

@@ -5,8 +5,11 @@ controller over the control channel.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
+
+from fastapi import Request  # module level: FastAPI resolves the route's annotations here
 
 from gyges.control.channel import async_request, control_address
 from gyges.hooks.server_args import gyges_config
@@ -37,4 +40,25 @@ def install_routes(app: Any, address: str) -> None:
         reply["processes"]["http_server"] = {"pid": os.getpid()}
         return ORJSONResponse(reply)
 
+    async def gyges_comm_check(request: Request) -> ORJSONResponse:
+        """Debug/admin: all-reduce over the pooled group ``{"ranks": [...]}``."""
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            return ORJSONResponse({"error": f"body is not valid JSON: {e}"}, status_code=400)
+        if not isinstance(body, dict) or "ranks" not in body:
+            return ORJSONResponse({"error": 'body must be a JSON object {"ranks": [...]}'},
+                                  status_code=400)
+        return await _forward({"op": "comm_check", "ranks": body["ranks"]}, timeout_s=60.0)
+
+    async def _forward(msg: dict[str, Any], timeout_s: float) -> ORJSONResponse:
+        try:
+            reply = await async_request(address, msg, timeout_s=timeout_s)
+        except TimeoutError as e:
+            return ORJSONResponse({"error": str(e)}, status_code=503)
+        if not reply.pop("ok"):
+            return ORJSONResponse({"error": reply["error"]}, status_code=reply["status"])
+        return ORJSONResponse(reply)
+
     app.add_api_route("/gyges/status", gyges_status, methods=["GET"])
+    app.add_api_route("/gyges/debug/comm_check", gyges_comm_check, methods=["POST"])

@@ -1,7 +1,10 @@
 """Hook on ``sglang.srt.managers.scheduler.Scheduler``.
 
-Under ``--enable-gyges`` each scheduler process registers with the host controller
-before it starts serving (its rank, pid, KV layout, MLP storage and KV capacity).
+Under ``--enable-gyges`` each scheduler process, before it starts serving, registers with
+the host controller (rank, pid, KV layout, MLP storage, KV capacity), joins the host's
+communicator pool (every aligned group it belongs to) and connects its command socket,
+which it then polls without blocking once per event-loop iteration (``ingest_requests``):
+commands run on the scheduler thread, between steps.
 """
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ import logging
 import os
 from typing import Any
 
-from gyges.control.channel import request
+from gyges.comm.pool import CommunicatorPool, connect_store
+from gyges.control.channel import Message, request
+from gyges.control.commands import CommandClient, command_address
 from gyges.hooks.server_args import gyges_config
 
 TARGET = "sglang.srt.managers.scheduler.Scheduler"
@@ -32,11 +37,42 @@ def before_run_event_loop(scheduler: Any) -> None:
         "mlp_storage": mlp_storage_of(scheduler),
         "capacity_tokens": int(scheduler.max_total_num_tokens),
     }
-    address = control_address(scheduler.port_args_tokenizer_ipc_name)
+    ipc_name = scheduler.port_args_tokenizer_ipc_name
+    address = control_address(ipc_name)
+    # Connect first: the connection is up long before the controller's first command.
+    commands = CommandClient(command_address(ipc_name), rank, {})
     reply = request(address, hello, timeout_s=120.0)
     if not reply.get("ok"):
         raise RuntimeError(f"gyges: controller refused rank {rank}: {reply.get('error')}")
     logger.info("Gyges: rank %d registered with the host controller", rank)
+    pool = join_pool(rank, reply["pool"])
+    commands.handlers["comm_check"] = lambda msg: comm_check(pool, msg)
+    reply = request(address, {"op": "pool_ready", "rank": rank, "build_ms": pool.build_ms})
+    if not reply.get("ok"):
+        raise RuntimeError(f"gyges: pool_ready refused for rank {rank}: {reply.get('error')}")
+    scheduler._gyges_pool = pool
+    scheduler._gyges_commands = commands
+
+
+def join_pool(rank: int, info: Message) -> CommunicatorPool:
+    """Build this rank's pooled groups; blocks until every rank of the host has joined."""
+    pool = CommunicatorPool.build(connect_store(int(info["store_port"])), rank,
+                                  int(info["world_size"]), int(info["max_tp"]))
+    logger.info("Gyges: rank %d communicator pool ready: groups %s built and verified in "
+                "%.1f ms", rank, sorted(pool.groups), pool.build_ms)
+    return pool
+
+
+def comm_check(pool: CommunicatorPool, msg: Message) -> Message:
+    check = pool.check(tuple(msg["ranks"]), float(msg.get("timeout_s", 10.0)))
+    return {"result": check.result, "elapsed_ms": check.elapsed_ms}
+
+
+def after_ingest_requests(_result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """Once per event-loop iteration: run pending controller commands (non-blocking)."""
+    commands = getattr(scheduler, "_gyges_commands", None)
+    if commands is not None:
+        commands.poll()
 
 
 def kv_layout_of(scheduler: Any) -> str:

@@ -1,0 +1,121 @@
+"""Controller -> scheduler commands over zmq, engine-agnostic.
+
+The host controller binds a ROUTER at :func:`command_address`; each scheduler connects a
+DEALER whose identity is its rank. :meth:`CommandBus.run` sends one command to a set of
+ranks and waits for one reply from each. A scheduler calls :meth:`CommandClient.poll` once
+per event-loop iteration: a non-blocking receive, so the serving loop pays one syscall
+when no command is pending, and a command runs on the scheduler's own thread between steps.
+
+Every command carries an ``id``; a reply to an older command (one that timed out) is
+dropped. The bus is used by one thread at a time (the control thread), which also
+serialises commands: ranks never see two collective commands in different orders.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import zmq
+
+from gyges.control.channel import ControlError, Message
+
+logger = logging.getLogger(__name__)
+
+CommandHandler = Callable[[Message], Message]
+
+
+def command_address(tokenizer_ipc_name: str) -> str:
+    """Address of the controller's command socket (next to the control channel's)."""
+    if not tokenizer_ipc_name.startswith("ipc://"):
+        raise ValueError(f"Gyges needs IPC sockets (got {tokenizer_ipc_name!r})")
+    return tokenizer_ipc_name + "-gyges-cmd"
+
+
+def _identity(rank: int) -> bytes:
+    return f"rank{rank}".encode()
+
+
+class CommandBus:
+    """Controller side: ROUTER socket; not thread-safe (use from the control thread)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown rank -> error, not a drop
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(address)
+        self._ids = itertools.count(1)
+
+    def run(self, ranks: Iterable[int], msg: Message, timeout_s: float) -> dict[int, Message]:
+        """Send ``msg`` to every rank of ``ranks``; return each rank's reply.
+
+        Raises :class:`ControlError` 503 if a rank has no connected scheduler, 504 if some
+        rank does not answer within ``timeout_s``.
+        """
+        ranks = list(ranks)
+        cid = next(self._ids)
+        payload = json.dumps({**msg, "id": cid}).encode()
+        for r in ranks:
+            try:
+                self._sock.send_multipart([_identity(r), payload])
+            except zmq.ZMQError as e:
+                raise ControlError(f"rank {r} has no command connection ({e})", 503) from e
+        replies: dict[int, Message] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(replies) < len(ranks):
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not self._sock.poll(left_ms):
+                missing = sorted(set(ranks) - set(replies))
+                raise ControlError(f"rank(s) {missing} did not answer {msg.get('op')!r} "
+                                   f"within {timeout_s:g}s", 504)
+            _ident, data = self._sock.recv_multipart()
+            reply = json.loads(data)
+            if reply.get("id") != cid:
+                logger.warning("gyges: dropping a late command reply %s", reply)
+                continue
+            replies[int(reply["rank"])] = reply
+        return replies
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class CommandClient:
+    """Scheduler side: DEALER socket with identity ``rank<r>``; poll it once per iteration."""
+
+    def __init__(self, address: str, rank: int, handlers: dict[str, CommandHandler]) -> None:
+        self.rank = rank
+        self.handlers = handlers
+        self._sock = zmq.Context.instance().socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.IDENTITY, _identity(rank))
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(address)
+
+    def poll(self) -> int:
+        """Run every pending command now, on the caller's thread; never blocks otherwise."""
+        done = 0
+        while True:
+            try:
+                data = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return done
+            msg = json.loads(data)
+            self._sock.send(json.dumps(self._execute(msg)).encode())
+            done += 1
+
+    def _execute(self, msg: Message) -> Message:
+        head = {"id": msg.get("id"), "rank": self.rank}
+        handler = self.handlers.get(msg.get("op", ""))
+        if handler is None:
+            return {**head, "ok": False, "error": f"unknown command {msg.get('op')!r}"}
+        try:
+            return {**head, "ok": True, **handler(msg)}
+        except Exception as e:  # the serving loop must survive a failed command
+            logger.exception("gyges command %r failed", msg.get("op"))
+            return {**head, "ok": False, "error": f"{type(e).__name__}: {e}"}
+
+    def close(self) -> None:
+        self._sock.close()
