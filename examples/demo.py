@@ -16,6 +16,7 @@ import openai
 import requests
 
 from gyges.testing.server import SGLangServer, tiny_model
+from gyges.testing.tiny_model import LLAMA_GQA
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
     p.add_argument("--dp-size", type=int, default=2)
     a = p.parse_args()
 
-    model = tiny_model(arch="llama", heads=4, kv_heads=2)
+    model = tiny_model(LLAMA_GQA)
     print(f"tiny model: {model}")
     print(f"starting: python -m sglang.launch_server --model-path {model} --device cpu "
           f"--dp-size {a.dp_size} --enable-gyges ...  (30-60 s on a 2-core CPU)")

@@ -4,12 +4,11 @@ from __future__ import annotations
 import pytest
 
 from gyges.testing.server import SGLangServer, tiny_model
-
-LLAMA = dict(arch="llama", heads=4, kv_heads=2)
+from gyges.testing.tiny_model import LLAMA_GQA
 
 
 @pytest.fixture(scope="session")
 def llama_gyges():
     """A `--dp-size 2 --enable-gyges` server on the tiny llama (max 4096 KV tokens/replica)."""
-    with SGLangServer(tiny_model(**LLAMA), dp_size=2, gyges=True) as srv:
+    with SGLangServer(tiny_model(LLAMA_GQA), dp_size=2, gyges=True) as srv:
         yield srv

@@ -11,11 +11,10 @@ import requests
 
 from gyges.testing.clients import greedy_outputs
 from gyges.testing.server import SGLangServer, cpu_env, tiny_model
-
-from .conftest import LLAMA
+from gyges.testing.tiny_model import LLAMA_GQA
 
 ARCHES = {
-    "llama": LLAMA,
+    "llama": LLAMA_GQA.__dict__,
     "qwen2": dict(arch="qwen2", heads=8, kv_heads=4, head_dim=16),
     "qwen3": dict(arch="qwen3", heads=4, kv_heads=4),
 }

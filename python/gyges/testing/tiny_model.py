@@ -62,6 +62,10 @@ class TinyModelSpec:
             raise ValueError("--vocab must be at least 300 (256 bytes + merges + specials)")
 
 
+# The model most server tests and the demo share: GQA with 2 KV heads (max TP 2).
+LLAMA_GQA = TinyModelSpec(arch="llama", heads=4, kv_heads=2)
+
+
 def _corpus(seed: int, lines: int = 4000) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 24))) for _ in range(lines)]
