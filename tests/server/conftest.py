@@ -1,4 +1,7 @@
-"""Servers shared across server-tier test files (each start costs 30-60 s on 2 cores)."""
+"""Server fixtures for the server tier (each start costs 30-60 s on 2 idle cores).
+
+Module-scoped: a server lives only while its test file runs, so no idle server competes
+for the two cores with the next file's servers."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +10,7 @@ from gyges.testing.server import SGLangServer, tiny_model
 from gyges.testing.tiny_model import LLAMA_GQA
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def llama_gyges():
     """A `--dp-size 2 --enable-gyges` server on the tiny llama (max 4096 KV tokens/replica)."""
     with SGLangServer(tiny_model(LLAMA_GQA), dp_size=2, gyges=True) as srv:

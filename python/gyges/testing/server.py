@@ -67,7 +67,7 @@ class SGLangServer:
 
     def __init__(self, model: str | Path, *, dp_size: int = 1, tp_size: int = 1,
                  gyges: bool = False, max_total_tokens: int = 4096,
-                 extra_args: Sequence[str] = (), startup_timeout_s: float = 240.0,
+                 extra_args: Sequence[str] = (), startup_timeout_s: float = 600.0,
                  port: int | None = None) -> None:
         self.model = str(model)
         self.port = port or free_port()
