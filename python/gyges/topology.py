@@ -71,6 +71,9 @@ class Topology:
     def split(self, group: tuple[int, ...]) -> Topology:
         """The topology after splitting the instance ``group`` into its two aligned halves."""
         inst = self.instance_of(group[0])
+        if inst.ranks != group and all(self.instance_of(r).tp == 1 for r in group):
+            raise ValueError(f"ranks {list(group)} are separate TP1 instances: there is no "
+                             "merged instance to split")
         if inst.ranks != group:
             raise ValueError(
                 f"ranks {list(group)} are not one instance (rank {group[0]} is in "
