@@ -108,29 +108,49 @@ def test_bad_requests_while_merged_get_400_and_server_serves(srv, baseline):
 
 
 def test_busy_group_waits_and_second_transformation_gets_409(srv, baseline):
-    long_out: list[list[int]] = []
+    """A merge waits for a running request; meanwhile a second merge gets 409, new requests
+    wait in the controller and an abort still reaches the draining rank."""
+    long_out: list[dict] = []
     merged: list[requests.Response] = []
-    long_req = threading.Thread(target=lambda: long_out.append(
-        generate_ids(srv.url, [7, 8, 9], max_new_tokens=400)))
+    long_req = threading.Thread(target=lambda: long_out.append(requests.post(
+        srv.url + "/generate", timeout=300, json={
+            "rid": "gyges-long", "input_ids": [7, 8, 9],
+            "sampling_params": {"temperature": 0, "max_new_tokens": 3000,
+                                "ignore_eos": True}}).json()))
     long_req.start()
-    time.sleep(1.0)  # the long request is running on one rank
+    deadline = time.monotonic() + 60
+    while not any(i["running"] for i in requests.get(srv.url + "/gyges/status",
+                                                      timeout=30).json()["instances"]):
+        assert time.monotonic() < deadline, "the long request never started"
+        time.sleep(0.2)
     merger = threading.Thread(target=lambda: merged.append(
         post(srv.url, "/gyges/merge", {"ranks": [0, 1]})))
     merger.start()
     time.sleep(0.5)
-    st = requests.get(srv.url + "/gyges/status", timeout=30).json()
-    second = post(srv.url, "/gyges/merge", {"ranks": [0, 1]}, timeout=30)
-    # A request arriving while the group drains waits in the controller, then runs at TP2.
-    held = generate_ids(srv.url, baseline_ids := [5, 9, 11, 40], max_new_tokens=16)
-    long_req.join(timeout=180)
-    merger.join(timeout=180)
+    held_out: list[list[int]] = []
+    held = threading.Thread(target=lambda: held_out.append(
+        generate_ids(srv.url, [5, 9, 11, 40], max_new_tokens=16)))
     try:
+        st = requests.get(srv.url + "/gyges/status", timeout=30).json()
         assert st["transformation"] == {"op": "merge", "ranks": [0, 1]}
+        second = post(srv.url, "/gyges/merge", {"ranks": [0, 1]}, timeout=30)
         assert second.status_code == 409 and "already running" in second.json()["error"]
-        assert len(long_out) == 1 and len(long_out[0]) == 400
+        held.start()
+        time.sleep(0.5)
+        assert not held_out and not merged  # held in the controller; merge still waiting
+        r = requests.post(srv.url + "/abort_request", json={"rid": "gyges-long"}, timeout=30)
+        assert r.status_code == 200
+        long_req.join(timeout=120)
+        merger.join(timeout=120)
+        held.join(timeout=120)
+        assert long_out and long_out[0]["meta_info"]["finish_reason"]["type"] == "abort"
         assert merged and merged[0].status_code == 200, merged[0].text if merged else None
-        assert merged[0].json()["elapsed_ms"]["wait_idle_ms"] > 100
-        assert held == generate_ids(srv.url, baseline_ids, max_new_tokens=16)
+        out = merged[0].json()
+        assert out["elapsed_ms"]["wait_idle_ms"] > 500 and out["held_requests_sent"] >= 1
+        assert held_out == [generate_ids(srv.url, [5, 9, 11, 40], max_new_tokens=16)]
     finally:
+        requests.post(srv.url + "/abort_request", json={"rid": "gyges-long"}, timeout=30)
+        long_req.join(timeout=120)
+        merger.join(timeout=120)
         if instances(srv.url) != [([0], 1, 0), ([1], 1, 1)]:
             split(srv.url)

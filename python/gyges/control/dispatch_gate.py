@@ -7,6 +7,7 @@ transforms groups. A :class:`DispatchGate` is shared by both under one lock:
   nowhere else to go is *held* and sent when the transformation ends. Control messages
   (which SGLang fans out to every replica and whose replies the tokenizer counts) are held
   while any transformation runs;
+  Aborts (``NEVER_HELD``) are never held: they go to every leader, paused ones included;
 - a *follower* of a merged instance never receives anything: its leader receives the
   instance's requests and broadcasts them (SGLang's own TP path), and answers control
   messages once per member.
@@ -18,6 +19,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
+
+NEVER_HELD = ("AbortReq",)  # control message types that pass a paused gate (no replies)
 
 
 class DispatchGate:
@@ -69,6 +72,11 @@ class DispatchGate:
 
     def must_hold_control(self) -> bool:
         return bool(self.paused)
+
+    def control_targets(self) -> list[int]:
+        """Where a never-held message (an abort) goes: every instance's leader, paused
+        ones included (a request being drained must still be abortable)."""
+        return [r for r in range(self.num_ranks) if r not in self.leader_of]
 
     def hold(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self._held.append((fn, args))

@@ -20,7 +20,7 @@ from typing import Any
 from gyges.comm.pool import start_store
 from gyges.control.channel import ControlServer, control_address
 from gyges.control.commands import CommandBus, command_address
-from gyges.control.dispatch_gate import DispatchGate
+from gyges.control.dispatch_gate import NEVER_HELD, DispatchGate
 from gyges.hooks.server_args import gyges_config
 from gyges.host_controller import HostController, RankLoad
 
@@ -107,6 +107,13 @@ def around_send_control_message(original: Callable[..., Any], controller: Any,
     if gate is None:
         return original(controller, obj)
     with gate.lock:
+        if type(obj).__name__ in NEVER_HELD:
+            from sglang.srt.managers.io_struct import sock_send
+
+            for r in gate.control_targets():
+                if controller.workers[r] is not None:
+                    sock_send(controller.workers[r], obj)
+            return None
         if gate.must_hold_control():
             gate.hold(original, (controller, obj))
             return None
