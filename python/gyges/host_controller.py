@@ -17,6 +17,7 @@ from gyges.comm.pool import expected_sum
 from gyges.config import GygesConfig
 from gyges.control.channel import ControlError, Handler, Message
 from gyges.control.commands import CommandBus
+from gyges.control.transform import Routing, Transformer
 from gyges.topology import Instance, Topology
 
 
@@ -50,7 +51,8 @@ class HostController:
     """Owns the host's :class:`Topology`; thread-safe for the control thread."""
 
     def __init__(self, config: GygesConfig, read_loads: LoadReader, *,
-                 commands: CommandBus | None = None, store_port: int | None = None) -> None:
+                 commands: CommandBus | None = None, store_port: int | None = None,
+                 routing: Routing | None = None) -> None:
         self.config = config
         self._read_loads = read_loads
         self._commands = commands
@@ -59,6 +61,15 @@ class HostController:
         self._topology = Topology.boot(config.dp_size)
         self._ranks: dict[int, RankInfo] = {}
         self._pool_build_ms: dict[int, float] = {}
+        self._bus_lock = threading.Lock()  # the bus is used by the control and job threads
+        self.transformer = None if commands is None or routing is None else Transformer(
+            num_ranks=config.dp_size, max_tp=config.max_tp, bus=commands,
+            bus_lock=self._bus_lock, routing=routing, get_topology=lambda: self.topology,
+            set_topology=self._set_topology, describe=self.describe)
+
+    def _set_topology(self, topology: Topology) -> None:
+        with self._lock:
+            self._topology = topology
 
     @property
     def topology(self) -> Topology:
@@ -67,7 +78,24 @@ class HostController:
 
     def handlers(self) -> dict[str, Handler]:
         return {"hello": self._on_hello, "status": lambda _msg: self.status(),
-                "pool_ready": self._on_pool_ready, "comm_check": self._on_comm_check}
+                "pool_ready": self._on_pool_ready, "comm_check": self._on_comm_check,
+                "merge": self._on_transform, "split": self._on_transform,
+                "job": self._on_job}
+
+    def _on_transform(self, msg: Message) -> Message:
+        if self.transformer is None:
+            raise ControlError("merge/split are not available on this server", 503)
+        ranks = validate_group(msg.get("ranks"), self.config.dp_size, self.config.max_tp)
+        with self._lock:
+            not_ready = [r for r in ranks if r not in self._pool_build_ms]
+        if not_ready:
+            raise ControlError(f"communicator pool not ready on rank(s) {not_ready}", 503)
+        return self.transformer.start(msg)
+
+    def _on_job(self, msg: Message) -> Message:
+        if self.transformer is None:
+            raise ControlError("merge/split are not available on this server", 503)
+        return self.transformer.poll(msg)
 
     def _on_hello(self, msg: Message) -> Message:
         try:
@@ -101,9 +129,10 @@ class HostController:
             not_ready = [r for r in ranks if r not in self._pool_build_ms]
         if self._commands is None or not_ready:
             raise ControlError(f"communicator pool not ready on rank(s) {not_ready}", 503)
-        replies = self._commands.run(
-            ranks, {"op": "comm_check", "ranks": list(ranks),
-                    "timeout_s": COMM_CHECK_TIMEOUT_S}, COMMAND_TIMEOUT_S)
+        with self._bus_lock:
+            replies = self._commands.run(
+                ranks, {"op": "comm_check", "ranks": list(ranks),
+                        "timeout_s": COMM_CHECK_TIMEOUT_S}, COMMAND_TIMEOUT_S)
         expected = expected_sum(ranks)
         results = [{k: v for k, v in replies[r].items() if k != "id"} for r in ranks]
         passed = all(x["ok"] and x.get("result") == expected for x in results)
@@ -111,27 +140,33 @@ class HostController:
                 "results": results}
 
     def capacity_of(self, inst: Instance) -> int:
-        """KV slots of an instance: the sum of its ranks' pools (each holds 1/k of heads)."""
-        return sum(self._ranks[r].capacity_tokens if r in self._ranks else 0 for r in inst.ranks)
+        """KV slots of an instance: the sum of its ranks' pools (each holds 1/k of heads).
+
+        On SGLang's stock token-major pool a merge only re-views each rank's pool with
+        H/k heads per slot (capacity not grown yet): there it is the smallest rank's."""
+        caps = [self._ranks[r].capacity_tokens if r in self._ranks else 0 for r in inst.ranks]
+        layouts = {self._ranks[r].kv_layout for r in inst.ranks if r in self._ranks}
+        return min(caps) if layouts == {"token_major"} else sum(caps)
+
+    def describe(self, inst: Instance,
+                 loads: Mapping[int, RankLoad] | None = None) -> dict[str, Any]:
+        """One instance as ``/gyges/status`` shows it."""
+        loads = self._read_loads() if loads is None else loads
+        load = [loads.get(r, RankLoad()) for r in inst.ranks]
+        with self._lock:
+            capacity = self.capacity_of(inst)
+        return {"ranks": list(inst.ranks), "tp": inst.tp, "leader": inst.leader,
+                "capacity_tokens": capacity,
+                "used_tokens": sum(x.used_tokens for x in load),
+                "running": load[0].running, "waiting": load[0].waiting}
 
     def status(self) -> dict[str, Any]:
         loads = self._read_loads()
         with self._lock:
             topo, ranks = self._topology, dict(self._ranks)
             pool_ms = dict(self._pool_build_ms)
-        instances = []
-        for inst in topo.instances:
-            load = [loads.get(r, RankLoad()) for r in inst.ranks]
-            lead = load[0]
-            instances.append({
-                "ranks": list(inst.ranks),
-                "tp": inst.tp,
-                "leader": inst.leader,
-                "capacity_tokens": self.capacity_of(inst),
-                "used_tokens": sum(x.used_tokens for x in load),
-                "running": lead.running,
-                "waiting": lead.waiting,
-            })
+        instances = [self.describe(inst, loads) for inst in topo.instances]
+        running = self.transformer.running if self.transformer is not None else None
         return {
             "kv_layout": _common(r.kv_layout for r in ranks.values()),
             "mlp_storage": _common(r.mlp_storage for r in ranks.values()),
@@ -140,6 +175,8 @@ class HostController:
             "policy": self.config.policy,
             "max_request_tokens": max((i["capacity_tokens"] for i in instances), default=0),
             "instances": instances,
+            "transformation": None if running is None else {"op": running.kind,
+                                                             "ranks": list(running.ranks)},
             "comm_pool": {"ready_ranks": sorted(pool_ms),
                           "build_ms": {str(r): ms for r, ms in sorted(pool_ms.items())}},
             "processes": {

@@ -23,3 +23,7 @@ def load() -> None:
     reg(f"{scheduler.TARGET}.run_event_loop", scheduler.before_run_event_loop,
         HookType.BEFORE)
     reg(f"{scheduler.TARGET}.ingest_requests", scheduler.after_ingest_requests, HookType.AFTER)
+    reg(f"{scheduler.TARGET}.send_control_output", scheduler.after_send_control_output,
+        HookType.AFTER)
+    for name, hook in data_parallel_controller.AROUND_HOOKS.items():
+        reg(f"{data_parallel_controller.TARGET}.{name}", hook, HookType.AROUND)

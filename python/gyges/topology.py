@@ -47,3 +47,43 @@ class Topology:
     @property
     def leaders(self) -> tuple[int, ...]:
         return tuple(i.leader for i in self.instances)
+
+    def merged(self, group: tuple[int, ...]) -> Topology:
+        """The topology after merging the aligned ``group`` (already validated) into one
+        instance. Its ranks must be exactly the instances of its two aligned halves: TP1
+        replicas merge to TP2, two TP2 instances to TP4, and so on.
+
+        Raises :class:`ValueError` with a user-facing message otherwise.
+        """
+        half = len(group) // 2
+        halves = (Instance(group[:half]), Instance(group[half:]))
+        current = sorted({self.instance_of(r) for r in group}, key=lambda i: i.leader)
+        if len(current) == 1 and current[0].ranks == group:
+            raise ValueError(f"ranks {list(group)} already form one TP{len(group)} instance")
+        if tuple(current) != halves:
+            have = ", ".join(str(list(i.ranks)) for i in current)
+            raise ValueError(
+                f"ranks {list(group)} cannot merge: they belong to instances {have}; a merge "
+                f"joins exactly two instances {list(halves[0].ranks)} and "
+                f"{list(halves[1].ranks)}")
+        return self._replace(current, (Instance(group),))
+
+    def split(self, group: tuple[int, ...]) -> Topology:
+        """The topology after splitting the instance ``group`` into its two aligned halves."""
+        inst = self.instance_of(group[0])
+        if inst.ranks != group and all(self.instance_of(r).tp == 1 for r in group):
+            raise ValueError(f"ranks {list(group)} are separate TP1 instances: there is no "
+                             "merged instance to split")
+        if inst.ranks != group:
+            raise ValueError(
+                f"ranks {list(group)} are not one instance (rank {group[0]} is in "
+                f"{list(inst.ranks)}); split takes all ranks of a merged instance")
+        if inst.tp == 1:
+            raise ValueError(f"instance {list(group)} is TP1 and cannot split")
+        half = len(group) // 2
+        return self._replace((inst,), (Instance(group[:half]), Instance(group[half:])))
+
+    def _replace(self, old: tuple[Instance, ...] | list[Instance],
+                 new: tuple[Instance, ...]) -> Topology:
+        kept = [i for i in self.instances if i not in old]
+        return Topology(tuple(sorted(kept + list(new), key=lambda i: i.leader)))

@@ -96,15 +96,46 @@ class CommandClient:
 
     def poll(self) -> int:
         """Run every pending command now, on the caller's thread; never blocks otherwise."""
-        done = 0
+        msgs = self.receive()
+        for msg in msgs:
+            self.answer(msg)
+        return len(msgs)
+
+    def receive(self) -> list[Message]:
+        """Every pending command, without running it (non-blocking)."""
+        out = []
         while True:
             try:
-                data = self._sock.recv(zmq.NOBLOCK)
+                out.append(json.loads(self._sock.recv(zmq.NOBLOCK)))
             except zmq.Again:
-                return done
-            msg = json.loads(data)
-            self._sock.send(json.dumps(self._execute(msg)).encode())
-            done += 1
+                return out
+
+    def answer(self, msg: Message) -> None:
+        """Run ``msg`` and send its reply."""
+        self._sock.send(json.dumps(self._execute(msg)).encode())
+
+    def take(self, cid: int, timeout_s: float) -> bool:
+        """Wait for this rank's own copy of command ``cid`` and consume it.
+
+        Used by a follower of a merged instance, which runs the commands its leader
+        relays: the controller sent every member a copy. A different command found first
+        was not relayed by the leader; it is answered with an error so the bus does not
+        wait for it. Returns False if the copy did not arrive in time.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not self._sock.poll(left_ms):
+                logger.warning("gyges: rank %d got no copy of relayed command %s",
+                               self.rank, cid)
+                return False
+            msg = json.loads(self._sock.recv())
+            if msg.get("id") == cid:
+                return True
+            self._sock.send(json.dumps({
+                "id": msg.get("id"), "rank": self.rank, "ok": False,
+                "error": f"rank {self.rank} is a follower of a merged instance: send "
+                         "commands to every rank of the instance"}).encode())
 
     def _execute(self, msg: Message) -> Message:
         head = {"id": msg.get("id"), "rank": self.rank}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from fastapi import Request  # module level: FastAPI resolves the route's annotations here
@@ -15,6 +16,7 @@ from gyges.control.channel import async_request, control_address
 from gyges.hooks.server_args import gyges_config
 
 TARGET = "sglang.srt.entrypoints.http_server._setup_and_run_http_server"
+TRANSFORM_TIMEOUT_S = 300.0
 
 
 def before_setup_and_run_http_server(server_args: Any, tokenizer_manager: Any,
@@ -51,6 +53,47 @@ def install_routes(app: Any, address: str) -> None:
                                   status_code=400)
         return await _forward({"op": "comm_check", "ranks": body["ranks"]}, timeout_s=60.0)
 
+    async def _read_ranks(request: Request) -> list[Any] | ORJSONResponse:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            return ORJSONResponse({"error": f"body is not valid JSON: {e}"}, status_code=400)
+        if not isinstance(body, dict) or "ranks" not in body:
+            return ORJSONResponse({"error": 'body must be a JSON object {"ranks": [...]}'},
+                                  status_code=400)
+        return body["ranks"]
+
+    async def _transform(op: str, request: Request) -> ORJSONResponse:
+        ranks = await _read_ranks(request)
+        if isinstance(ranks, ORJSONResponse):
+            return ranks
+        try:
+            reply = await async_request(address, {"op": op, "ranks": ranks}, timeout_s=30.0)
+            if not reply.pop("ok"):
+                return ORJSONResponse({"error": reply["error"]}, status_code=reply["status"])
+            job = reply["job"]
+            deadline = time.monotonic() + TRANSFORM_TIMEOUT_S
+            while time.monotonic() < deadline:
+                reply = await async_request(address, {"op": "job", "job": job, "wait_s": 2.0},
+                                            timeout_s=30.0)
+                if not reply.pop("ok"):
+                    return ORJSONResponse({"error": reply["error"]},
+                                          status_code=reply["status"])
+                if reply["done"]:
+                    return ORJSONResponse(reply["result"])
+        except TimeoutError as e:
+            return ORJSONResponse({"error": str(e)}, status_code=503)
+        return ORJSONResponse({"error": f"{op} did not finish in {TRANSFORM_TIMEOUT_S:g}s"},
+                              status_code=504)
+
+    async def gyges_merge(request: Request) -> ORJSONResponse:
+        """Merge an idle aligned group into one TP-k instance: ``{"ranks": [...]}``."""
+        return await _transform("merge", request)
+
+    async def gyges_split(request: Request) -> ORJSONResponse:
+        """Split a merged instance (all its ranks) into its two halves."""
+        return await _transform("split", request)
+
     async def _forward(msg: dict[str, Any], timeout_s: float) -> ORJSONResponse:
         try:
             reply = await async_request(address, msg, timeout_s=timeout_s)
@@ -62,3 +105,5 @@ def install_routes(app: Any, address: str) -> None:
 
     app.add_api_route("/gyges/status", gyges_status, methods=["GET"])
     app.add_api_route("/gyges/debug/comm_check", gyges_comm_check, methods=["POST"])
+    app.add_api_route("/gyges/merge", gyges_merge, methods=["POST"])
+    app.add_api_route("/gyges/split", gyges_split, methods=["POST"])

@@ -52,6 +52,9 @@ def before_run_event_loop(scheduler: Any) -> None:
         raise RuntimeError(f"gyges: pool_ready refused for rank {rank}: {reply.get('error')}")
     scheduler._gyges_pool = pool
     scheduler._gyges_commands = commands
+    from gyges.switch.member import GroupMember  # scheduler processes only
+
+    scheduler._gyges_member = GroupMember(scheduler, pool, commands)
 
 
 def join_pool(rank: int, info: Message) -> CommunicatorPool:
@@ -69,10 +72,26 @@ def comm_check(pool: CommunicatorPool, msg: Message) -> Message:
 
 
 def after_ingest_requests(_result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    """Once per event-loop iteration: run pending controller commands (non-blocking)."""
-    commands = getattr(scheduler, "_gyges_commands", None)
-    if commands is not None:
-        commands.poll()
+    """Once per event-loop iteration: run pending controller commands (non-blocking on
+    a TP1 rank; a merged instance's leader relays them to its followers)."""
+    member = getattr(scheduler, "_gyges_member", None)
+    if member is not None:
+        member.poll()
+
+
+def after_send_control_output(_result: Any, scheduler: Any, output: Any,
+                              recv_req: Any = None) -> None:
+    """A merged instance's leader answers each fanned-out control request once per member.
+
+    The tokenizer counts one reply per DP rank; the controller sends control requests to
+    leaders only and followers have no output socket, so the leader's reply stands in
+    for its followers' (same content: the members' state is identical).
+    """
+    member = getattr(scheduler, "_gyges_member", None)
+    if member is None:
+        return
+    for _ in range(member.extra_control_replies):
+        scheduler.ipc_channels.send_to_tokenizer.send_output(output, recv_req)
 
 
 def kv_layout_of(scheduler: Any) -> str:

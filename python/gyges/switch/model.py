@@ -1,0 +1,121 @@
+"""Switch a TP1-loaded dense Llama/Qwen2/Qwen3 model to TP-k in place, and back.
+
+``reshard_model`` keeps, on local rank r of a degree-k instance, the attention heads it owns
+(interleaved ownership, :mod:`gyges.core.attention_shards`) and the MLP columns of its shards
+(:mod:`gyges.core.dense_shards`); the TP1 tensors are kept aside and ``restore_tp1`` puts
+them back (bit-exact split, no communication; the cost is holding both while merged).
+Embedding, LM head and logits stay replicated (built at TP1, they never reduce).
+
+SGLang builds o_proj with ``reduce_results=False`` and plans the attention sum away at TP1,
+so the resharded o_proj must all-reduce itself; the FFN sum is issued at call time over
+``get_parallel().tp_group`` once the parallel state says ``tp_size=k``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import Parameter
+
+from gyges.core.attention_shards import slice_o_proj, slice_qkv
+from gyges.core.dense_shards import owned_mlp_columns
+
+SAVED = "_gyges_tp1"  # attribute on each touched module: its TP1 attributes
+_ATTRS = ("weight", "bias", "tp_group", "num_heads", "num_kv_heads", "q_size", "kv_size",
+          "output_size_per_partition", "output_partition_sizes", "input_size_per_partition",
+          "reduce_results", "tp_q_head_num", "tp_k_head_num", "tp_v_head_num")
+
+
+def _layers(model: Any) -> list[Any]:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise NotImplementedError(f"gyges: cannot reshard {type(model).__name__}: no "
+                                  "model.layers (dense Llama/Qwen2/Qwen3 only)")
+    return list(layers)
+
+
+def check_reshardable(model: Any, k: int, num_shards: int) -> None:
+    """Raise before anything changes if ``model`` cannot be resharded to degree ``k``."""
+    for layer in _layers(model):
+        a, m = layer.self_attn, layer.mlp
+        for name in ("qkv_proj", "o_proj"):
+            if not hasattr(a, name):
+                raise NotImplementedError(f"gyges: attention without {name}")
+        if not hasattr(m, "gate_up_proj") or not hasattr(m, "down_proj"):
+            raise NotImplementedError("gyges: only dense gated MLPs can be resharded")
+        if getattr(a.o_proj, "bias", None) is not None:
+            raise NotImplementedError("gyges: o_proj with a bias is not supported yet")
+        if a.total_num_kv_heads % k:
+            raise ValueError(f"degree {k} does not divide {a.total_num_kv_heads} KV heads")
+        inter = m.gate_up_proj.weight.shape[0] // 2
+        if inter % num_shards:
+            raise ValueError(f"MLP intermediate {inter} not divisible into {num_shards} shards")
+        if SAVED in vars(a.qkv_proj):
+            raise RuntimeError("gyges: model is already resharded")
+
+
+def _save(mod: Any) -> None:
+    vars(mod)[SAVED] = {n: getattr(mod, n) for n in _ATTRS if hasattr(mod, n)}
+
+
+def _param(t: torch.Tensor) -> Parameter:
+    return Parameter(t.contiguous(), requires_grad=False)
+
+
+def reshard_model(model: Any, k: int, r: int, group: Any, num_shards: int) -> int:
+    """Make ``model`` local rank ``r`` of a TP-``k`` instance over ``group``.
+
+    ``num_shards`` is the MLP shard count G (the host's max TP). Returns the bytes of the
+    new (sliced) tensors."""
+    check_reshardable(model, k, num_shards)
+    new_bytes = 0
+    for layer in _layers(model):
+        a, m = layer.self_attn, layer.mlp
+        qkv, o, gu, dn = a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj
+        for mod in (qkv, o, gu, dn, a, a.attn):
+            _save(mod)
+        hq_all, hkv_all, d = a.total_num_heads, a.total_num_kv_heads, a.head_dim
+        hq, hkv = hq_all // k, hkv_all // k
+        heads = (hq_all, hkv_all, d, k, r)
+        qkv.weight = _param(slice_qkv(qkv.weight.data, *heads))
+        if qkv.bias is not None:
+            qkv.bias = _param(slice_qkv(qkv.bias.data, *heads))
+        qkv.num_heads, qkv.num_kv_heads = hq, hkv
+        qkv.output_size_per_partition = (hq + 2 * hkv) * d
+        qkv.output_partition_sizes = [hq * d, hkv * d, hkv * d]
+        qkv.tp_group = group
+        a.num_heads, a.num_kv_heads, a.q_size, a.kv_size = hq, hkv, hq * d, hkv * d
+        a.attn.tp_q_head_num, a.attn.tp_k_head_num, a.attn.tp_v_head_num = hq, hkv, hkv
+        o.weight = _param(slice_o_proj(o.weight.data, *heads))
+        o.input_size_per_partition = hq * d
+        o.tp_group = group
+        o.reduce_results = True  # the TP1-built attention boundary owes no sum
+        inter = gu.weight.shape[0] // 2
+        cols = owned_mlp_columns(inter, num_shards, k, r)
+        gate, up = gu.weight.data.split([inter, inter], 0)
+        gu.weight = _param(torch.cat([gate.index_select(0, cols), up.index_select(0, cols)]))
+        gu.output_size_per_partition = 2 * len(cols)
+        gu.output_partition_sizes = [len(cols), len(cols)]
+        gu.tp_group = group
+        dn.weight = _param(dn.weight.data.index_select(1, cols))
+        dn.input_size_per_partition = len(cols)
+        dn.tp_group = group  # the FFN boundary sums over get_parallel().tp_group
+        new_bytes += sum(t.numel() * t.element_size() for t in
+                         (qkv.weight, o.weight, gu.weight, dn.weight))
+    return new_bytes
+
+
+def restore_tp1(model: Any) -> None:
+    """Undo :func:`reshard_model` exactly (the saved TP1 tensors and attributes)."""
+    for layer in _layers(model):
+        a, m = layer.self_attn, layer.mlp
+        for mod in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj, a, a.attn):
+            saved = vars(mod).pop(SAVED, None)
+            if saved is None:
+                continue
+            for name, value in saved.items():
+                setattr(mod, name, value)
+
+
+def is_resharded(model: Any) -> bool:
+    return any(SAVED in vars(layer.self_attn.qkv_proj) for layer in _layers(model))

@@ -1,0 +1,159 @@
+"""Idle merge and split of a dp 2 server (tiny Llama, float32 CPU): outputs at TP2 equal
+TP1's, the topology and routing follow, bad requests get 400, a concurrent one 409."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import requests
+
+from gyges.testing.clients import chat, generate_ids, greedy_outputs
+
+
+def post(url: str, path: str, body: object, timeout: float = 180) -> requests.Response:
+    return requests.post(url + path, json=body, timeout=timeout)
+
+
+def instances(url: str) -> list[tuple[list[int], int, int]]:
+    st = requests.get(url + "/gyges/status", timeout=30).json()
+    return [(i["ranks"], i["tp"], i["leader"]) for i in st["instances"]]
+
+
+@pytest.fixture(scope="module")
+def srv(llama_gyges):
+    """The shared dp 2 server, left split (two TP1 instances) whatever happens here."""
+    yield llama_gyges
+    if instances(llama_gyges.url) != [([0], 1, 0), ([1], 1, 1)]:
+        post(llama_gyges.url, "/gyges/split", {"ranks": [0, 1]})
+
+
+@pytest.fixture(scope="module")
+def baseline(srv):
+    assert instances(srv.url) == [([0], 1, 0), ([1], 1, 1)]
+    return greedy_outputs(srv.url)
+
+
+def merge(url: str) -> dict:
+    r = post(url, "/gyges/merge", {"ranks": [0, 1]})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def split(url: str) -> dict:
+    r = post(url, "/gyges/split", {"ranks": [0, 1]})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_merge_split_cycles_keep_greedy_outputs(srv, baseline):
+    for cycle in range(2):
+        out = merge(srv.url)
+        assert [(i["ranks"], i["tp"], i["leader"]) for i in out["instances"]] == [([0, 1], 2, 0)]
+        assert {"wait_idle_ms", "merge_ms", "total_ms"} <= out["elapsed_ms"].keys()
+        assert out["members"]["1"]["local_rank"] == 1
+        assert all(m["sliced_weight_bytes"] > 0 for m in out["members"].values())
+        assert {"drain_ms", "reshard_ms", "kv_view_ms"} <= out["members"]["0"]["phases_ms"].keys()
+        assert instances(srv.url) == [([0, 1], 2, 0)]
+        assert greedy_outputs(srv.url) == baseline, f"TP2 outputs differ (cycle {cycle})"
+        out = split(srv.url)
+        assert [(i["ranks"], i["tp"]) for i in out["instances"]] == [([0], 1), ([1], 1)]
+        assert instances(srv.url) == [([0], 1, 0), ([1], 1, 1)]
+        assert greedy_outputs(srv.url) == baseline, f"outputs differ after split {cycle}"
+
+
+def test_control_requests_do_not_hang_while_merged(srv, baseline):
+    merge(srv.url)
+    try:
+        # The tokenizer waits for one reply per DP rank: the leader answers for both.
+        for _ in range(2):
+            r = requests.post(srv.url + "/flush_cache", timeout=30)
+            assert r.status_code == 200, r.text
+        r = requests.get(srv.url + "/get_server_info", timeout=30)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["internal_states"]) == 2  # one per DP rank, as at TP1
+        assert requests.get(srv.url + "/health", timeout=30).status_code == 200
+        r = requests.get(srv.url + "/v1/loads", timeout=30)
+        assert r.status_code == 200, r.text
+        assert chat(srv.url, "hello there")["finish"] == "length"
+        # A collective command on the merged group: the leader relays it to its follower.
+        r = post(srv.url, "/gyges/debug/comm_check", {"ranks": [0, 1]}, timeout=60)
+        assert r.status_code == 200 and r.json()["passed"], r.text
+    finally:
+        split(srv.url)
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/gyges/merge", {"ranks": [0]}, "at least 2 ranks"),
+    ("/gyges/merge", {"ranks": [0, 5]}, "unknown rank(s) [5]"),
+    ("/gyges/merge", {"ranks": [0, 1, 2, 3]}, "unknown rank(s) [2, 3]"),
+    ("/gyges/merge", {"ranks": "0,1"}, "must be a list of integers"),
+    ("/gyges/merge", {"group": [0, 1]}, "must be a JSON object"),
+    ("/gyges/split", {"ranks": [0, 1]}, "are separate TP1 instances"),
+    ("/gyges/split", [0, 1], "must be a JSON object"),
+])
+def test_bad_requests_get_400(srv, baseline, path, body, message):
+    r = post(srv.url, path, body, timeout=30)
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+
+
+def test_bad_requests_while_merged_get_400_and_server_serves(srv, baseline):
+    merge(srv.url)
+    try:
+        r = post(srv.url, "/gyges/merge", {"ranks": [0, 1]}, timeout=30)
+        assert r.status_code == 400 and "already form one TP2 instance" in r.json()["error"]
+        r = requests.post(srv.url + "/gyges/split", data=b"{ranks: [0,", timeout=30)
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+        assert greedy_outputs(srv.url)["ids"] == baseline["ids"]
+    finally:
+        split(srv.url)
+    assert greedy_outputs(srv.url) == baseline
+
+
+def test_busy_group_waits_and_second_transformation_gets_409(srv, baseline):
+    """A merge waits for a running request; meanwhile a second merge gets 409, new requests
+    wait in the controller and an abort still reaches the draining rank."""
+    long_out: list[dict] = []
+    merged: list[requests.Response] = []
+    long_req = threading.Thread(target=lambda: long_out.append(requests.post(
+        srv.url + "/generate", timeout=300, json={
+            "rid": "gyges-long", "input_ids": [7, 8, 9],
+            "sampling_params": {"temperature": 0, "max_new_tokens": 3000,
+                                "ignore_eos": True}}).json()))
+    long_req.start()
+    deadline = time.monotonic() + 60
+    while not any(i["running"] for i in requests.get(srv.url + "/gyges/status",
+                                                      timeout=30).json()["instances"]):
+        assert time.monotonic() < deadline, "the long request never started"
+        time.sleep(0.2)
+    merger = threading.Thread(target=lambda: merged.append(
+        post(srv.url, "/gyges/merge", {"ranks": [0, 1]})))
+    merger.start()
+    time.sleep(0.5)
+    held_out: list[list[int]] = []
+    held = threading.Thread(target=lambda: held_out.append(
+        generate_ids(srv.url, [5, 9, 11, 40], max_new_tokens=16)))
+    try:
+        st = requests.get(srv.url + "/gyges/status", timeout=30).json()
+        assert st["transformation"] == {"op": "merge", "ranks": [0, 1]}
+        second = post(srv.url, "/gyges/merge", {"ranks": [0, 1]}, timeout=30)
+        assert second.status_code == 409 and "already running" in second.json()["error"]
+        held.start()
+        time.sleep(0.5)
+        assert not held_out and not merged  # held in the controller; merge still waiting
+        r = requests.post(srv.url + "/abort_request", json={"rid": "gyges-long"}, timeout=30)
+        assert r.status_code == 200
+        long_req.join(timeout=120)
+        merger.join(timeout=120)
+        held.join(timeout=120)
+        assert long_out and long_out[0]["meta_info"]["finish_reason"]["type"] == "abort"
+        assert merged and merged[0].status_code == 200, merged[0].text if merged else None
+        out = merged[0].json()
+        assert out["elapsed_ms"]["wait_idle_ms"] > 500 and out["held_requests_sent"] >= 1
+        assert held_out == [generate_ids(srv.url, [5, 9, 11, 40], max_new_tokens=16)]
+    finally:
+        requests.post(srv.url + "/abort_request", json={"rid": "gyges-long"}, timeout=30)
+        long_req.join(timeout=120)
+        merger.join(timeout=120)
+        if instances(srv.url) != [([0], 1, 0), ([1], 1, 1)]:
+            split(srv.url)

@@ -1,0 +1,240 @@
+"""SGLang-free logic of idle merge/split: topology changes, the dispatch gate, the
+transformer job (with a fake bus and routing), dense MLP shards, KV pool re-views and
+the follower's command relay."""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gyges.control.channel import ControlError
+from gyges.control.commands import CommandBus, CommandClient, command_address
+from gyges.control.dispatch_gate import DispatchGate
+from gyges.control.transform import Transformer
+from gyges.core.dense_shards import owned_mlp_columns
+from gyges.switch.kv_pool import full_head_num, reshape_kv_pool
+from gyges.topology import Instance, Topology
+
+# -- topology ----------------------------------------------------------------------------
+
+
+def test_merge_and_split_nest():
+    t = Topology.boot(4).merged((0, 1))
+    assert [i.ranks for i in t.instances] == [(0, 1), (2,), (3,)]
+    t = t.merged((2, 3)).merged((0, 1, 2, 3))
+    assert [i.ranks for i in t.instances] == [(0, 1, 2, 3)]
+    t = t.split((0, 1, 2, 3))
+    assert [i.ranks for i in t.instances] == [(0, 1), (2, 3)]
+    assert t.split((2, 3)).split((0, 1)) == Topology.boot(4)
+
+
+@pytest.mark.parametrize("topo, op, ranks, message", [
+    (Topology.boot(4).merged((0, 1)), "merged", (0, 1), "already form one TP2 instance"),
+    (Topology.boot(4).merged((0, 1)), "merged", (0, 1, 2, 3), "joins exactly two instances"),
+    (Topology.boot(4), "split", (0, 1), "separate TP1 instances"),
+    (Topology.boot(4).merged((0, 1)).merged((2, 3)).merged((0, 1, 2, 3)), "split", (0, 1),
+     "not one instance"),
+])
+def test_refused_changes_say_why(topo, op, ranks, message):
+    with pytest.raises(ValueError, match=message):
+        getattr(topo, op)(ranks)
+
+
+# -- dispatch gate -----------------------------------------------------------------------
+
+
+def test_gate_pauses_holds_and_routes_to_leaders():
+    gate = DispatchGate(4)
+    gate.pause((0, 1))
+    assert gate.status() == [False, False, True, True]
+    assert not gate.must_hold_request(None)  # ranks 2, 3 still serve
+    assert gate.must_hold_request(0) and gate.must_hold_control()
+    gate.hold(print, ("held",))
+    gate.set_instance((0, 1))
+    assert gate.route_to(1) == 0 and gate.route_to(3) == 3 and gate.route_to(None) is None
+    assert gate.resume((0, 1)) == [(print, ("held",))]
+    assert gate.status() == [True, False, True, True]
+    assert not gate.must_hold_control() and gate.num_held == 0
+    gate.set_instance((0,))
+    gate.set_instance((1,))
+    assert gate.status() == [True] * 4
+
+
+def test_gate_holds_everything_when_no_rank_is_left():
+    gate = DispatchGate(2)
+    gate.pause((0, 1))
+    assert gate.must_hold_request(None)
+    gate.hold(len, ((1,),))
+    assert gate.resume(()) == []  # still paused: nothing released
+    assert gate.resume((0, 1)) == [(len, ((1,),))]
+
+
+# -- transformer -------------------------------------------------------------------------
+
+
+class FakeRouting:
+    unsupported = None
+
+    def __init__(self):
+        self.log = []
+
+    def pause(self, ranks):
+        self.log.append(("pause", ranks))
+
+    def resume(self, ranks):
+        self.log.append(("resume", ranks))
+        return 0
+
+    def set_instance(self, ranks):
+        self.log.append(("instance", ranks))
+
+
+class FakeBus:
+    def __init__(self, busy_polls=0, fail=None, block=None):
+        self.busy_polls, self.fail, self.block = busy_polls, fail, block
+        self.sent = []
+
+    def run(self, ranks, msg, timeout_s):
+        self.sent.append(msg["op"])
+        if msg["op"] == "idle":
+            idle = self.busy_polls <= 0
+            self.busy_polls -= 1
+            return {r: {"ok": True, "idle": idle, "running": 0 if idle else 1, "waiting": 0}
+                    for r in ranks}
+        if self.block is not None:
+            self.block.wait(10)
+        if self.fail:
+            return {r: {"ok": False, "error": self.fail} for r in ranks}
+        return {r: {"ok": True, "id": 1, "rank": r, "phases_ms": {}} for r in ranks}
+
+
+def make(bus, idle_timeout_s=5.0, num_ranks=2):
+    state = {"topo": Topology.boot(num_ranks)}
+    routing = FakeRouting()
+    tr = Transformer(num_ranks=num_ranks, max_tp=num_ranks, bus=bus,
+                     bus_lock=threading.Lock(), routing=routing,
+                     get_topology=lambda: state["topo"],
+                     set_topology=lambda t: state.update(topo=t),
+                     describe=lambda i: {"ranks": list(i.ranks), "tp": i.tp},
+                     idle_timeout_s=idle_timeout_s)
+    return tr, routing, state
+
+
+def finish(tr, job):
+    out = tr.poll({"job": job, "wait_s": 5})
+    assert out["done"]
+    return out["result"]
+
+
+def test_merge_waits_for_idle_then_switches_and_reroutes():
+    tr, routing, state = make(FakeBus(busy_polls=2))
+    res = finish(tr, tr.start({"op": "merge", "ranks": [1, 0]})["job"])
+    assert res["instances"] == [{"ranks": [0, 1], "tp": 2}] and res["idle_polls"] == 3
+    assert state["topo"].instances == (Instance((0, 1)),)
+    assert routing.log == [("pause", (0, 1)), ("instance", (0, 1)), ("resume", (0, 1))]
+    res = finish(tr, tr.start({"op": "split", "ranks": [0, 1]})["job"])
+    assert [i["ranks"] for i in res["instances"]] == [[0], [1]]
+    assert state["topo"] == Topology.boot(2)
+
+
+def test_busy_group_gets_409_and_dispatch_resumes():
+    tr, routing, state = make(FakeBus(busy_polls=10**6), idle_timeout_s=0.2)
+    job = tr.start({"op": "merge", "ranks": [0, 1]})["job"]
+    with pytest.raises(ControlError, match="group busy") as e:
+        tr.poll({"job": job, "wait_s": 5})
+    assert e.value.status == 409
+    assert routing.log[-1] == ("resume", (0, 1)) and state["topo"] == Topology.boot(2)
+
+
+def test_member_refusal_is_409_other_failures_500():
+    tr, _, _ = make(FakeBus(fail="RuntimeError: group busy: rank 1 has running requests"))
+    with pytest.raises(ControlError) as e:
+        tr.poll({"job": tr.start({"op": "merge", "ranks": [0, 1]})["job"], "wait_s": 5})
+    assert e.value.status == 409
+    tr, _, state = make(FakeBus(fail="boom"))
+    with pytest.raises(ControlError) as e:
+        tr.poll({"job": tr.start({"op": "merge", "ranks": [0, 1]})["job"], "wait_s": 5})
+    assert e.value.status == 500 and state["topo"] == Topology.boot(2)
+
+
+def test_second_transformation_gets_409_bad_ones_400():
+    block = threading.Event()
+    tr, _, _ = make(FakeBus(block=block))
+    job = tr.start({"op": "merge", "ranks": [0, 1]})["job"]
+    assert tr.poll({"job": job}) == {"done": False}
+    with pytest.raises(ControlError, match="already running") as e:
+        tr.start({"op": "merge", "ranks": [0, 1]})
+    assert e.value.status == 409
+    block.set()
+    finish(tr, job)
+    for body, message in [({"ranks": [0]}, "at least 2"), ({"ranks": [0, 1]}, "already form"),
+                          ({"ranks": [0, 7]}, "unknown rank")]:
+        op = "merge"
+        with pytest.raises(ControlError, match=message) as e:
+            tr.start({"op": op, **body})
+        assert e.value.status == 400
+    with pytest.raises(ControlError, match="unknown job"):
+        tr.poll({"job": 999})
+
+
+# -- dense MLP shards and the KV pool view -------------------------------------------------
+
+
+def test_mlp_columns_partition_and_nest():
+    cols = {r: owned_mlp_columns(8, 4, 2, r).tolist() for r in range(2)}
+    assert cols == {0: [0, 1, 4, 5], 1: [2, 3, 6, 7]}
+    assert owned_mlp_columns(8, 4, 1, 0).tolist() == list(range(8))
+    tp4 = [set(owned_mlp_columns(16, 4, 4, r).tolist()) for r in range(4)]
+    assert tp4[0] | tp4[2] == set(owned_mlp_columns(16, 4, 2, 0).tolist())
+    with pytest.raises(ValueError):
+        owned_mlp_columns(6, 4, 2, 0)
+
+
+def test_reshape_kv_pool_is_a_view_and_restores():
+    rows, heads, d = 5, 4, 3
+    k = [torch.arange(rows * heads * d, dtype=torch.float32).view(rows, heads, d)]
+    v = [t.clone() for t in k]
+    pool = SimpleNamespace(k_buffer=k, v_buffer=v, head_num=heads, head_dim=d, v_head_dim=d,
+                           row_dim=heads * d, v_row_dim=heads * d)
+    reshape_kv_pool(pool, 2)
+    assert pool.k_buffer[0].shape == (rows, 2, d) and pool.row_dim == 6
+    assert pool.k_buffer[0].data_ptr() == k[0].data_ptr() and full_head_num(pool) == 4
+    reshape_kv_pool(pool, 4)
+    assert pool.k_buffer[0] is k[0] and pool.head_num == 4
+
+
+# -- follower relay ----------------------------------------------------------------------
+
+
+def test_take_consumes_own_copy_and_refuses_unrelayed_commands():
+    address = command_address("ipc://" + os.path.join(tempfile.mkdtemp(), "tok"))
+    bus = CommandBus(address)
+    client = CommandClient(address, 1, {"noop": lambda m: {}})
+    time.sleep(0.1)
+    try:
+        replies = {}
+        t = threading.Thread(target=lambda: replies.update(
+            bus.run([1], {"op": "noop"}, timeout_s=5)))
+        t.start()
+        deadline = time.monotonic() + 5
+        while not client._sock.poll(10) and time.monotonic() < deadline:
+            pass
+        # the relayed command has another id: this copy is answered with an error
+        assert not client.take(cid=12345, timeout_s=0.3)
+        t.join()
+        assert not replies[1]["ok"] and "follower" in replies[1]["error"]
+        t = threading.Thread(target=lambda: replies.update(
+            bus.run([1], {"op": "noop"}, timeout_s=5)))
+        t.start()
+        assert client.take(cid=2, timeout_s=5)
+        client.answer({"op": "noop", "id": 2})
+        t.join()
+        assert replies[1]["ok"]
+    finally:
+        client.close()
+        bus.close()
