@@ -24,6 +24,7 @@ SAVED = "_gyges_tp1"  # attribute on each touched module: its TP1 attributes
 _ATTRS = ("weight", "bias", "tp_group", "num_heads", "num_kv_heads", "q_size", "kv_size",
           "output_size_per_partition", "output_partition_sizes", "input_size_per_partition",
           "reduce_results", "tp_q_head_num", "tp_k_head_num", "tp_v_head_num")
+PADDED_MLP = "gyges_mlp"  # gyges.hooks.models.ATTR: a layer whose MLP lives in shards
 
 
 def _layers(model: Any) -> list[Any]:
@@ -48,7 +49,7 @@ def check_reshardable(model: Any, k: int, num_shards: int) -> None:
         if a.total_num_kv_heads % k:
             raise ValueError(f"degree {k} does not divide {a.total_num_kv_heads} KV heads")
         inter = m.gate_up_proj.weight.shape[0] // 2
-        if inter % num_shards:
+        if PADDED_MLP not in m.__dict__ and inter % num_shards:
             raise ValueError(f"MLP intermediate {inter} not divisible into {num_shards} shards")
         if SAVED in vars(a.qkv_proj):
             raise RuntimeError("gyges: model is already resharded")
@@ -90,6 +91,13 @@ def reshard_model(model: Any, k: int, r: int, group: Any, num_shards: int) -> in
         o.input_size_per_partition = hq * d
         o.tp_group = group
         o.reduce_results = True  # the TP1-built attention boundary owes no sum
+        padded = m.__dict__.get(PADDED_MLP)
+        if padded is not None:
+            # Padded shards: bind the owned ones (s % k == r). All stay resident for now;
+            # releasing the others (and restoring them on split) is the live-merge work.
+            padded.set_degree(k, r)
+            new_bytes += sum(t.numel() * t.element_size() for t in (qkv.weight, o.weight))
+            continue
         inter = gu.weight.shape[0] // 2
         cols = owned_mlp_columns(inter, num_shards, k, r)
         gate, up = gu.weight.data.split([inter, inter], 0)
@@ -109,6 +117,9 @@ def restore_tp1(model: Any) -> None:
     """Undo :func:`reshard_model` exactly (the saved TP1 tensors and attributes)."""
     for layer in _layers(model):
         a, m = layer.self_attn, layer.mlp
+        padded = m.__dict__.get(PADDED_MLP)
+        if padded is not None:
+            padded.set_degree(1, 0)
         for mod in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj, a, a.attn):
             saved = vars(mod).pop(SAVED, None)
             if saved is None:
