@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from gyges.hooks import data_parallel_controller, http_server, scheduler, server_args
+from gyges.hooks import (
+    data_parallel_controller,
+    http_server,
+    kv_cache_configurator,
+    model_runner,
+    models,
+    scheduler,
+    server_args,
+)
 
 
 def load() -> None:
@@ -22,3 +30,9 @@ def load() -> None:
         HookType.AFTER)
     reg(f"{scheduler.TARGET}.run_event_loop", scheduler.before_run_event_loop,
         HookType.BEFORE)
+    reg(f"{kv_cache_configurator.TARGET}._resolve_kv_pool_class",
+        kv_cache_configurator.around_resolve_kv_pool_class, HookType.AROUND)
+    reg(f"{model_runner.TARGET}.maybe_apply_post_load_model_transforms",
+        model_runner.after_post_load_model_transforms, HookType.AFTER)
+    for mlp in models.MLP_TARGETS:
+        reg(f"{mlp}.forward", models.around_mlp_forward, HookType.AROUND)
