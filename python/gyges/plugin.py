@@ -16,6 +16,7 @@ from gyges.hooks import (
     models,
     scheduler,
     server_args,
+    torch_native_backend,
 )
 
 
@@ -36,3 +37,6 @@ def load() -> None:
         model_runner.after_post_load_model_transforms, HookType.AFTER)
     for mlp in models.MLP_TARGETS:
         reg(f"{mlp}.forward", models.around_mlp_forward, HookType.AROUND)
+    for method in torch_native_backend.METHODS:
+        reg(f"{torch_native_backend.TARGET}.{method}", torch_native_backend.around_run_sdpa,
+            HookType.AROUND)
