@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from gyges.hooks import data_parallel_controller, http_server, scheduler, server_args
+from gyges.hooks import (
+    data_parallel_controller,
+    http_server,
+    kv_cache_configurator,
+    model_runner,
+    models,
+    scheduler,
+    server_args,
+    torch_native_backend,
+)
 
 
 def load() -> None:
@@ -27,3 +36,12 @@ def load() -> None:
         HookType.AFTER)
     for name, hook in data_parallel_controller.AROUND_HOOKS.items():
         reg(f"{data_parallel_controller.TARGET}.{name}", hook, HookType.AROUND)
+    reg(f"{kv_cache_configurator.TARGET}._resolve_kv_pool_class",
+        kv_cache_configurator.around_resolve_kv_pool_class, HookType.AROUND)
+    reg(f"{model_runner.TARGET}.maybe_apply_post_load_model_transforms",
+        model_runner.after_post_load_model_transforms, HookType.AFTER)
+    for mlp in models.MLP_TARGETS:
+        reg(f"{mlp}.forward", models.around_mlp_forward, HookType.AROUND)
+    for method in torch_native_backend.METHODS:
+        reg(f"{torch_native_backend.TARGET}.{method}", torch_native_backend.around_run_sdpa,
+            HookType.AROUND)

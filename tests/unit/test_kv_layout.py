@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gyges.core.kv_layout import HeadMajorLayout, check_degree
+from gyges.core.kv_layout import HeadMajorLayout, check_degree, gather_slots
 
 DEGREES = [1, 2, 4, 8]
 
@@ -139,3 +139,18 @@ def test_block_addressing_round_trips(heads_log: int, data: st.DataObject) -> No
     for i in range(k):
         for s in range(3):
             assert layout.split_slot(layout.merged_slot(i, s, k), k) == (i, s)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_gather_slots_matches_indexing_the_view(k: int) -> None:
+    layout = HeadMajorLayout(num_kv_heads=4, slots_per_replica=10, head_dim=3)
+    storage = torch.randn(layout.shape, generator=torch.Generator().manual_seed(k))
+    view = layout.merged_view(storage, k)
+    for dtype in (torch.int64, torch.int32):
+        slots = torch.tensor([7, 0, 7, 10 * k - 1, 3], dtype=dtype)
+        got = gather_slots(view, slots)
+        assert torch.equal(got, view[slots])
+        assert got.movedim(0, 1).is_contiguous()  # heads first, as attention reads it
+    assert gather_slots(view, torch.tensor([], dtype=torch.int64)).shape == (0, 4 // k, 3)
+    with pytest.raises(ValueError, match="not a head-major view"):
+        gather_slots(storage.permute(1, 0, 2).contiguous(), torch.tensor([0]))

@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gyges.core.padded_mlp import DEFAULT_GRANULE_BYTES, PaddedMLPWeights, ShardGeometry
+from gyges.core.padded_mlp import (
+    DEFAULT_GRANULE_BYTES,
+    PaddedMLP,
+    PaddedMLPWeights,
+    ShardGeometry,
+)
 
 HIDDEN, INTER, G = 16, 64, 8
 GRANULE = 1024  # small granule so the tests see real padding: shard = 3*8*16*4 = 1536 B
@@ -222,3 +227,34 @@ def test_cuda_shards_sum_to_dense_and_release() -> None:
     torch.testing.assert_close(total, _reference(x, gate, up, down), atol=1e-4, rtol=1e-4)
     assert torch.all(mlp.shard_buffer(0)[3 * (INTER // G) * HIDDEN :] == 0)
     assert mlp.release_unowned(2, 0) == mlp.padded_bytes // 2
+
+
+def test_forward_adds_shard_partials_in_ascending_order() -> None:
+    """At degree 1 the output is ((P0 + P1) + P2) + ..., P_s = shard s alone: the same
+    float sum a degree-G all-reduce of single-shard partials takes for G = 2."""
+    mlp = _weights()
+    x = torch.randn(2, 3, HIDDEN, generator=torch.Generator().manual_seed(4))
+    partials = [mlp.forward(x, G, s) for s in range(G)]
+    expected = partials[0].clone()
+    for p in partials[1:]:
+        expected += p
+    assert torch.equal(mlp.forward(x, 1, 0), expected)
+    assert mlp.forward(x, 1, 0).shape == x.shape
+
+
+def test_padded_mlp_binding() -> None:
+    weights = _weights()
+    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(3))
+    mlp = PaddedMLP(weights)
+    assert (mlp.degree, mlp.local_rank) == (1, 0)
+    assert torch.equal(mlp.forward(x), weights.forward(x, 1, 0))
+    weights.release_unowned(4, 3)
+    with pytest.raises(ValueError, match="not resident"):
+        mlp.forward(x)  # still bound to degree 1: the released shards are missing
+    mlp.set_degree(4, 3)
+    assert torch.equal(mlp.forward(x), weights.forward(x, 4, 3))
+    with pytest.raises(ValueError, match=r"shards \[0, 1, 2, 4, 5, 6\]"):
+        mlp.set_degree(1, 0)
+    assert (mlp.degree, mlp.local_rank) == (4, 3)  # a refused rebinding changes nothing
+    with pytest.raises(ValueError, match="not resident"):
+        PaddedMLP(weights, 2, 0)

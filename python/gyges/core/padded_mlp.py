@@ -123,14 +123,17 @@ class PaddedMLPWeights:
             hidden, inter, max_degree, gate.element_size(), granule_bytes
         )
         rows = self.geometry.rows
-        self._buffers: list[torch.Tensor | None] = []
+        self._buffers: list[torch.Tensor | None] = [None] * max_degree
+        # (gate_up, down_t) views of each resident buffer, made once: the forward runs per
+        # layer per step and should not rebuild them. Dropped together with the buffer.
+        self._views: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * max_degree
         for s in range(max_degree):
             cols = slice(s * rows, (s + 1) * rows)
             buf = self._new_buffer()
             self._gate_up_of(buf)[:rows].copy_(gate[cols])
             self._gate_up_of(buf)[rows:].copy_(up[cols])
             self._down_t_of(buf).copy_(down[:, cols].t())
-            self._buffers.append(buf)
+            self._install(s, buf)
 
     @classmethod
     def from_fused(
@@ -226,6 +229,7 @@ class PaddedMLPWeights:
                 raise ValueError(f"shard {s} is not resident")
         for s in shards:
             self._buffers[s] = None
+            self._views[s] = None
         return self.geometry.padded_nbytes * len(shards)
 
     def release_unowned(self, k: int, local_rank: int) -> int:
@@ -248,7 +252,7 @@ class PaddedMLPWeights:
             )
         buf = self._new_buffer()
         buf[: flat.numel()].copy_(flat)
-        self._buffers[shard] = buf
+        self._install(shard, buf)
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -258,20 +262,33 @@ class PaddedMLPWeights:
 
     def gate_up(self, shard: int) -> torch.Tensor:
         """`[2R, Hd]` view: gate rows then up rows of the shard's intermediate columns."""
-        return self._gate_up_of(self._resident(shard))
+        return self._views_of(shard)[0]
 
     def down_t(self, shard: int) -> torch.Tensor:
         """`[R, Hd]` view: rows of down^T (columns of down) of the shard's columns."""
-        return self._down_t_of(self._resident(shard))
+        return self._views_of(shard)[1]
 
     def forward(self, x: torch.Tensor, k: int, local_rank: int) -> torch.Tensor:
-        """This rank's partial MLP output for `x` `[..., Hd]`; sum over ranks = dense MLP."""
+        """This rank's partial MLP output for `x` `[..., Hd]`; sum over ranks = dense MLP.
+
+        The owned shards' partials are added in ascending shard order, the first one taken
+        as is (no zero-initialised accumulator). With one owned shard this is exactly that
+        shard's GEMM chain; with several it differs from one dense GEMM over I only by the
+        float rounding of the split reduction (see docs/layout.md).
+        """
         rows = self.shard_rows
-        out = x.new_zeros(*x.shape[:-1], self.hidden)
+        flat = x.reshape(-1, self.hidden)
+        out: torch.Tensor | None = None
         for s in self.owned_shards(k, local_rank):
-            gate_up = x @ self.gate_up(s).t()
-            out += (F.silu(gate_up[..., :rows]) * gate_up[..., rows:]) @ self.down_t(s)
-        return out
+            gate_up, down_t = self._views_of(s)
+            g = F.linear(flat, gate_up)
+            partial = torch.mm(F.silu(g[:, :rows]) * g[:, rows:], down_t)
+            if out is None:
+                out = partial
+            else:
+                out.add_(partial)
+        assert out is not None  # every rank owns at least one shard
+        return out.view(*x.shape[:-1], self.hidden)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -293,6 +310,16 @@ class PaddedMLPWeights:
         rows, hidden = self.shard_rows, self.hidden
         return buf[2 * rows * hidden : 3 * rows * hidden].view(rows, hidden)
 
+    def _install(self, shard: int, buf: torch.Tensor) -> None:
+        self._buffers[shard] = buf
+        self._views[shard] = (self._gate_up_of(buf), self._down_t_of(buf))
+
+    def _views_of(self, shard: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._resident(shard)
+        views = self._views[shard]
+        assert views is not None
+        return views
+
     def _check_shard(self, shard: int) -> None:
         if not 0 <= shard < self.max_degree:
             raise ValueError(f"shard {shard} out of range [0, {self.max_degree})")
@@ -303,3 +330,31 @@ class PaddedMLPWeights:
         buf = self._buffers[shard]
         assert buf is not None
         return buf
+
+
+class PaddedMLP:
+    """One layer's :class:`PaddedMLPWeights` bound to this rank's current TP degree and local
+    rank: what the engine's MLP forward calls. Boots at degree 1 (all shards, TP1); a merge
+    releases shards and then moves the binding with :meth:`set_degree`, a split restores
+    them first. The returned output is this rank's partial: at degree k > 1 the engine sums
+    the k partials (all-reduce), as it does for a row-parallel down projection.
+    """
+
+    def __init__(self, weights: PaddedMLPWeights, degree: int = 1, local_rank: int = 0) -> None:
+        self.weights = weights
+        self.degree = 1
+        self.local_rank = 0
+        self.set_degree(degree, local_rank)
+
+    def set_degree(self, k: int, local_rank: int) -> None:
+        """Bind to (k, local_rank); raises ValueError if a shard it owns there is missing."""
+        missing = self.weights.missing_shards(k, local_rank)
+        if missing:
+            raise ValueError(
+                f"shards {missing} owned at degree {k} by local rank {local_rank} are not "
+                "resident; restore them before binding"
+            )
+        self.degree, self.local_rank = k, local_rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weights.forward(x, self.degree, self.local_rank)
