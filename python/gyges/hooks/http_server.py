@@ -44,14 +44,10 @@ def install_routes(app: Any, address: str) -> None:
 
     async def gyges_comm_check(request: Request) -> ORJSONResponse:
         """Debug/admin: all-reduce over the pooled group ``{"ranks": [...]}``."""
-        try:
-            body = json.loads(await request.body())
-        except ValueError as e:
-            return ORJSONResponse({"error": f"body is not valid JSON: {e}"}, status_code=400)
-        if not isinstance(body, dict) or "ranks" not in body:
-            return ORJSONResponse({"error": 'body must be a JSON object {"ranks": [...]}'},
-                                  status_code=400)
-        return await _forward({"op": "comm_check", "ranks": body["ranks"]}, timeout_s=60.0)
+        ranks = await _read_ranks(request)
+        if isinstance(ranks, ORJSONResponse):
+            return ranks
+        return await _forward({"op": "comm_check", "ranks": ranks}, timeout_s=60.0)
 
     async def _read_ranks(request: Request) -> list[Any] | ORJSONResponse:
         try:
