@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from gyges.comm.pool import CommunicatorPool, connect_store
-from gyges.control.channel import Message, request
+from gyges.control.channel import Message, control_address, request
 from gyges.control.commands import CommandClient, command_address
 from gyges.hooks.server_args import gyges_config
 
@@ -25,8 +25,6 @@ def before_run_event_loop(scheduler: Any) -> None:
     if gyges_config(scheduler.server_args) is None:
         return
     from sglang.srt.runtime_context import get_parallel
-
-    from gyges.control.channel import control_address
 
     rank = get_parallel().dp_rank or 0
     hello = {

@@ -126,7 +126,3 @@ def restore_tp1(model: Any) -> None:
                 continue
             for name, value in saved.items():
                 setattr(mod, name, value)
-
-
-def is_resharded(model: Any) -> bool:
-    return any(SAVED in vars(layer.self_attn.qkv_proj) for layer in _layers(model))
