@@ -1,0 +1,107 @@
+"""Automatic transformations on a dp 2 server whose replicas hold 1024 KV slots each
+(tiny Llama, float32 CPU, split hold-down 2 s):
+
+- a request larger than the largest possible instance (TP2: 2 x 1016 usable slots) gets
+  a 400 at once, on /generate and as an OpenAI error object, and the server keeps serving;
+- a request too long for one replica merges the group by itself, is served with stock
+  SGLang's output (one replica configured with 8192 slots), and the group splits back
+  after the hold-down;
+- decisions, transformations and rejections are counted on SGLang's /metrics.
+"""
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+import requests
+
+from gyges.testing.clients import generate_ids
+from gyges.testing.server import SGLangServer, tiny_model
+from gyges.testing.tiny_model import LLAMA_GQA
+
+HOLD_DOWN_S = 2.0
+LONG = [[(7 * i + 13 * j) % 300 + 5 for j in range(n)] for i, n in enumerate((1500, 1900))]
+SHORT = [[5, 9, 11, 40], [(3 * j) % 200 + 7 for j in range(30)]]
+NEW_TOKENS = 16
+
+
+def status(url: str) -> dict:
+    return requests.get(url + "/gyges/status", timeout=30).json()
+
+
+def layout(url: str) -> list[list[int]]:
+    return [i["ranks"] for i in status(url)["instances"]]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Stock SGLang, one replica large enough for every prompt here."""
+    with SGLangServer(tiny_model(LLAMA_GQA), dp_size=1, max_total_tokens=8192) as srv:
+        return {"long": [generate_ids(srv.url, x, NEW_TOKENS) for x in LONG],
+                "short": [generate_ids(srv.url, x, NEW_TOKENS) for x in SHORT]}
+
+
+@pytest.fixture(scope="module")
+def srv(reference):
+    with SGLangServer(tiny_model(LLAMA_GQA), dp_size=2, gyges=True, max_total_tokens=1024,
+                      extra_args=["--gyges-split-hold-down", str(HOLD_DOWN_S),
+                                  "--enable-metrics"]) as s:
+        yield s
+
+
+def test_limits_in_status(srv):
+    st = status(srv.url)
+    assert st["max_request_tokens"] == 2 * (1024 - 8)
+    assert st["scheduler"]["policy"] == "gyges" and st["scheduler"]["reserved"] == []
+
+
+def test_over_capacity_is_refused_at_once_and_the_server_keeps_serving(srv, reference):
+    t0 = time.monotonic()
+    r = requests.post(srv.url + "/generate", timeout=30, json={
+        "input_ids": [5] * 2100, "sampling_params": {"max_new_tokens": 8}})
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]["message"]
+    assert "2108 tokens" in msg and "TP2" in msg and "2032" in msg
+    r = requests.post(srv.url + "/generate", timeout=30, json={"input_ids": [5] * 1950})
+    assert r.status_code == 400 and "default" in r.json()["error"]["message"]  # + 128 new
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=[7] * 100, max_tokens=3000)
+    assert e.value.status_code == 400 and "largest instance" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", max_tokens=4000,
+                                       messages=[{"role": "user", "content": "hello"}])
+    assert "largest instance" in e.value.body["message"]
+    assert time.monotonic() - t0 < 10
+    assert [generate_ids(srv.url, x, NEW_TOKENS) for x in SHORT] == reference["short"]
+    st = status(srv.url)["scheduler"]
+    assert st["pending"] == [] and not st["counters"]["auto_merges"]
+
+
+def test_long_request_merges_by_itself_matches_stock_and_splits_back(srv, reference):
+    assert layout(srv.url) == [[0], [1]]
+    for prompt, expected in zip(LONG, reference["long"], strict=True):
+        assert generate_ids(srv.url, prompt, NEW_TOKENS) == expected
+    st = status(srv.url)
+    kinds = [d["decision"] for d in st["scheduler"]["decisions"]]
+    assert "merge" in kinds and st["scheduler"]["counters"]["auto_merges"]["done"] >= 1
+    long_dispatches = [d for d in st["scheduler"]["decisions"]
+                       if d["decision"] == "dispatch" and d["degree"] == 2]
+    assert len(long_dispatches) == 2 and all(d["tp"] == 2 for d in long_dispatches)
+    deadline = time.monotonic() + HOLD_DOWN_S + 60
+    while layout(srv.url) != [[0], [1]]:
+        assert time.monotonic() < deadline, status(srv.url)["scheduler"]
+        time.sleep(0.5)
+    st = status(srv.url)["scheduler"]
+    assert st["counters"]["auto_splits"]["done"] >= 1 and st["auto_merged"] == []
+    assert [generate_ids(srv.url, x, NEW_TOKENS) for x in SHORT] == reference["short"]
+
+
+def test_prometheus_counters(srv):
+    text = requests.get(srv.url + "/metrics", timeout=30).text
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line.startswith("gyges:")}
+    assert samples["gyges:rejected_requests_total"] >= 4
+    assert samples['gyges:decisions_total{kind="dispatch"}'] >= 1
+    assert "gyges:pending_requests" in samples
