@@ -82,8 +82,51 @@ def test_over_capacity_is_refused_at_once_and_the_server_keeps_serving(srv, refe
     assert st["pending"] == [] and not st["counters"]["auto_merges"]
 
 
+def wait_for_split(url: str) -> None:
+    deadline = time.monotonic() + HOLD_DOWN_S + 60
+    while layout(url) != [[0], [1]]:
+        assert time.monotonic() < deadline, status(url)["scheduler"]
+        time.sleep(0.5)
+
+
+def post_generate(url: str, body: dict) -> dict:
+    return requests.post(url + "/generate", json=body, timeout=300).json()
+
+
+def test_abort_of_a_request_held_for_a_merge(srv):
+    """A long request waits for its group to drain (a running request) before the merge;
+    aborting it then answers the client once the merge is done, without serving it."""
+    with ThreadPoolExecutor(2) as pool:
+        blocker = pool.submit(post_generate, srv.url, {
+            "input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": 300,
+                                                        "ignore_eos": True}})
+        time.sleep(1.0)
+        # 900 prompt + 300 new > one replica's 1016 usable slots: it needs TP2.
+        held = pool.submit(post_generate, srv.url, {
+            "rid": "gyges-held-long", "input_ids": [11] * 900,
+            "sampling_params": {"max_new_tokens": 300, "ignore_eos": True}})
+        deadline = time.monotonic() + 30
+        while not status(srv.url)["scheduler"]["pending"]:
+            assert time.monotonic() < deadline and not held.done()
+            time.sleep(0.1)
+        st = status(srv.url)["scheduler"]
+        assert st["reserved"][0]["ranks"] == [0, 1] and st["reserved"][0]["for"] == \
+            "gyges-held-long"
+        r = requests.post(srv.url + "/abort_request", json={"rid": "gyges-held-long"},
+                          timeout=30)
+        assert r.status_code == 200
+        out = held.result(timeout=120)
+        assert out["meta_info"]["finish_reason"]["type"] == "abort", out
+        assert out["meta_info"]["completion_tokens"] == 0
+        assert blocker.result(timeout=120)["meta_info"]["completion_tokens"] == 300
+    st = status(srv.url)["scheduler"]
+    assert st["pending"] == [] and st["reserved"] == []
+    assert any(d["decision"] == "aborted" for d in st["decisions"])
+    wait_for_split(srv.url)
+
+
 def test_long_request_merges_by_itself_matches_stock_and_splits_back(srv, reference):
-    assert layout(srv.url) == [[0], [1]]
+    wait_for_split(srv.url)
     with ThreadPoolExecutor(3) as pool:  # short requests sent while the merge is pending
         long_out = pool.submit(generate_ids, srv.url, LONG[0], NEW_TOKENS)
         time.sleep(0.3)
@@ -97,10 +140,7 @@ def test_long_request_merges_by_itself_matches_stock_and_splits_back(srv, refere
     long_dispatches = [d for d in st["scheduler"]["decisions"]
                        if d["decision"] == "dispatch" and d["degree"] == 2]
     assert len(long_dispatches) == 2 and all(d["tp"] == 2 for d in long_dispatches)
-    deadline = time.monotonic() + HOLD_DOWN_S + 60
-    while layout(srv.url) != [[0], [1]]:
-        assert time.monotonic() < deadline, status(srv.url)["scheduler"]
-        time.sleep(0.5)
+    wait_for_split(srv.url)
     st = status(srv.url)["scheduler"]
     assert st["counters"]["auto_splits"]["done"] >= 1 and st["auto_merged"] == []
     assert [generate_ids(srv.url, x, NEW_TOKENS) for x in SHORT] == reference["short"]

@@ -38,6 +38,7 @@ class FakeHost:
         self.held: list = []
         self.refuse: ControlError | None = None
         self.capacity_reply: int | None = None
+        self.aborts: list[tuple[str, int]] = []
 
     def topology(self):
         return self.topo
@@ -89,6 +90,9 @@ class FakeHost:
             return False
         self.held.append(fn)
         return True
+
+    def abort(self, leader, rid):
+        self.aborts.append((rid, leader))
 
     def idle_snapshots(self) -> None:
         """Every rank publishes an idle snapshot now."""
@@ -319,3 +323,30 @@ def test_baselines_merge_on_demand_too(policy):
     sched.tick()
     assert len(sent) == 1 and host.started[0][0] == "merge"
     assert sent[0][1] == host.started[0][1][0]
+
+
+def test_aborted_held_requests_are_sent_then_aborted_and_their_merge_is_unused():
+    sched, host, clock, sent = make()
+    submit(sched, sent, "long", 1500)
+    sched.tick()  # merging (0, 1)
+    assert sched.abort("long") == 1
+    assert sent == [("long", 2)] and host.aborts == [("long", 2)]  # a live instance
+    assert not sched.pending and not sched.reservations
+    host.finish()
+    sched.tick()  # the merge completes unused; it splits after the hold-down
+    assert sched.owned == {(0, 1)} and sched.log[-1]["decision"] == "aborted"
+    settle(sched, host, clock, HOLD_DOWN + 1)
+    assert host.started[-1] == ("split", (0, 1))
+
+
+def test_abort_of_a_request_held_in_the_gate_waits_for_a_live_instance():
+    sched, host, clock, sent = make(dp=2)
+    submit(sched, sent, "long", 1500)
+    submit(sched, sent, "short", 10)
+    sched.tick()
+    sched.tick()  # every rank paused: "short" is in the gate
+    assert sched.abort("", abort_all=True) == 2
+    assert sent == [] and host.aborts == []
+    host.finish()  # the gate releases both: each is sent, then its abort
+    assert sorted(sent) == sorted(host.aborts) == [("long", 0), ("short", 0)]
+    assert not sched.pending and not sched.reservations

@@ -71,6 +71,7 @@ class SchedulerHost(Protocol):
     def start(self, op: str, ranks: tuple[int, ...]) -> int: ...  # job id; ControlError
     def poll(self, job: int) -> Message | None: ...  # None: running; ControlError: failed
     def hold(self, fn: Callable[[], None]) -> bool: ...  # until no rank is paused
+    def abort(self, leader: int, rid: str) -> None: ...  # send an abort after the request
 
 
 class SchedulerMetrics(Protocol):
@@ -88,6 +89,7 @@ class Pending:
     degree: int = 0
     reservation: tuple[int, ...] | None = None  # the group merging for it
     held: bool = False  # in the dispatch gate until the transformation ends
+    aborted: bool = False
     failures: int = 0
     reason: str = ""
 
@@ -139,6 +141,18 @@ class TransformationScheduler:
         """Place one new request (called with the lock held or not)."""
         with self.lock:
             self._place(Pending(rid, need, send, self.clock()), first=True)
+
+    def abort(self, rid: str, abort_all: bool = False) -> int:
+        """The client aborted ``rid`` (or everything): a held request is sent at once to a
+        live instance and the abort after it, so SGLang there finishes it and answers the
+        client (the tokenizer waits for that answer). Returns how many were held."""
+        with self.lock:
+            mine = [p for p in self.pending if abort_all or p.rid == rid]
+            for p in mine:
+                p.aborted = True
+                if not p.held:
+                    self._send_aborted(p)
+            return len(mine)
 
     def tick(self) -> None:
         """Poll the running transformation, re-place held requests, start the next merge
@@ -240,8 +254,23 @@ class TransformationScheduler:
         """The dispatch gate released ``p`` (a transformation ended): place it again."""
         with self.lock:
             p.held = False
-            if p in self.pending:
+            if p in self.pending and p.aborted:
+                self._send_aborted(p)
+            elif p in self.pending:
                 self._place(p, first=False)
+
+    def _send_aborted(self, p: Pending) -> None:
+        if p.reservation is not None:  # its merge, if running, completes unused
+            self.reservations.pop(p.reservation, None)
+            p.reservation = None
+        host = self.view()
+        live = [i for i in host.instances if not set(i.ranks) & self.host.paused()]
+        if not live:
+            p.held = self.host.hold(lambda: self._release(p))
+            return
+        target = min(live, key=lambda i: (i.used_tokens, i.leader))
+        self._dispatch(p, target.leader, host, Wait("aborted by the client"), kind="aborted")
+        self.host.abort(target.leader, p.rid)
 
     def _give_up(self, p: Pending, reason: str, d: Decision | None = None) -> None:
         """Forward to the largest unpaused instance; SGLang's own limits answer there.
@@ -359,7 +388,9 @@ class TransformationScheduler:
     def _merged(self, group: tuple[int, ...]) -> None:
         """The reserved group is one instance now: send its request there if it has room
         (else, e.g. the members reported less KV than assumed, place it again)."""
-        p = self.reservations.pop(group)
+        p = self.reservations.pop(group, None)
+        if p is None:  # its request was aborted meanwhile
+            return
         p.reservation = None
         host = self.view()
         inst = host.instance_of(group[0])
@@ -375,7 +406,9 @@ class TransformationScheduler:
             self._place(p, first=False)
 
     def _merge_failed(self, group: tuple[int, ...], error: str) -> None:
-        p = self.reservations.pop(group)
+        p = self.reservations.pop(group, None)
+        if p is None:
+            return
         p.reservation = None
         p.failures += 1
         logger.warning("Gyges: merge of %s for request %s failed (%d): %s", list(group),

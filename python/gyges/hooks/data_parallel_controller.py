@@ -139,6 +139,12 @@ class DpSchedulerHost:
             self.gate.hold(fn, ())
             return True
 
+    def abort(self, leader: int, rid: str) -> None:
+        from sglang.srt.managers.io_struct import AbortReq, sock_send
+
+        with self.gate.lock:
+            sock_send(self.controller.workers[self.gate.route_to(leader)], AbortReq(rid=rid))
+
 
 def around_dispatching_with_trace(original: Callable[..., Any], controller: Any, req: Any,
                                   *args: Any, **kwargs: Any) -> Any:
@@ -173,6 +179,9 @@ def around_send_control_message(original: Callable[..., Any], controller: Any,
             for r in gate.control_targets():
                 if controller.workers[r] is not None:
                     sock_send(controller.workers[r], obj)
+            scheduler: TransformationScheduler | None = controller._gyges_scheduler
+            if scheduler is not None and type(obj).__name__ == "AbortReq":
+                scheduler.abort(str(obj.rid), bool(obj.abort_all))
             return None
         if gate.must_hold_control():
             gate.hold(original, (controller, obj))
