@@ -112,7 +112,8 @@ def _worker(port: int, proc: int, out: mp.Queue) -> None:
 @pytest.fixture(scope="module")
 def results() -> dict[tuple[str, int], tuple[bool, TransferStats]]:
     store = start_store(30)
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "gyges.comm.kv_transfer"])  # import torch once
     out = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(store.port, p, out)) for p in range(4)]
     for p in procs:
