@@ -15,7 +15,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from gyges.comm.kv_transfer import TransferStats, execute_plan, pair_runs
+from gyges.comm.kv_transfer import TransferStats, execute_plan, pair_runs, workspace_bytes
 from gyges.comm.pool import connect_store, new_gloo_group, start_store
 from gyges.core.transfer_plan import BlockMove, TransferPlan, apply_plan, plan_transformation
 
@@ -101,7 +101,13 @@ def _worker(port: int, proc: int, out: mp.Queue) -> None:
             rank = group[proc % case.size]
             plan = _plan(case, group)
             bufs = _start_buffers(case, rank)
-            stats = execute_plan(plan, group, rank, pg, bufs, buffers_per_round=case.per_round)
+            rounds = case.per_round
+            workspace = None  # cases with rounds also stage in an exactly sized workspace
+            if rounds:
+                size = workspace_bytes(plan, rank, bufs, buffers_per_round=rounds)
+                workspace = torch.empty(size, dtype=torch.uint8)
+            stats = execute_plan(plan, group, rank, pg, bufs, buffers_per_round=rounds,
+                                 workspace=workspace)
             want = _expected(case, group, plan)[rank]
             ok = all(torch.equal(g, w) for g, w in zip(bufs, want, strict=True))
             out.put((case.name, rank, ok, tuple(stats)))
@@ -189,6 +195,20 @@ def test_group_of_one_applies_local_cycles(solo_pg) -> None:
     assert stats[:3] == (0, 0, 9 * (2 * 4 + 5 * 8))
 
 
+@pytest.mark.parametrize("dtype, dim", [(torch.uint8, 3), (torch.float16, 3),
+                                        (torch.float32, 3), (torch.float64, 1)])
+def test_rows_of_any_width(solo_pg, dtype: torch.dtype, dim: int) -> None:
+    """Rows move as the widest word dividing D * elem_size (1, 2, 4 or 8 bytes)."""
+    moves = (BlockMove(5, 0, 5, 1, ((1, 3),)), BlockMove(5, 1, 5, 0, ((0, 2),)))
+    plan = TransferPlan(moves, (5,))
+    buf = (torch.arange(2 * 4 * dim) % 100).to(dtype).view(2, 4, dim)
+    want = buf.clone()
+    apply_plan(plan, {5: want})
+    workspace = torch.empty(workspace_bytes(plan, 5, [buf]), dtype=torch.uint8)
+    execute_plan(plan, (5,), 5, solo_pg, [buf], workspace=workspace)
+    assert torch.equal(buf, want)
+
+
 def test_execute_plan_refuses_mismatches(solo_pg) -> None:
     plan = TransferPlan((BlockMove(5, 0, 5, 3, ((0, 2),)),), (5,))
     buf = torch.zeros(4, 4, 2)
@@ -204,3 +224,7 @@ def test_execute_plan_refuses_mismatches(solo_pg) -> None:
         execute_plan(plan, (5,), 5, solo_pg, [buf, torch.zeros(4, 5, 2)])
     with pytest.raises(ValueError, match="buffers_per_round"):
         execute_plan(plan, (5,), 5, solo_pg, [buf], buffers_per_round=-1)
+    assert workspace_bytes(plan, 5, [buf, buf]) == 2 * 2 * 2 * 4  # 2 slots, 2 buffers
+    assert workspace_bytes(plan, 5, [buf, buf], buffers_per_round=1) == 2 * 2 * 4
+    with pytest.raises(ValueError, match=">= 16 bytes"):
+        execute_plan(plan, (5,), 5, solo_pg, [buf], workspace=torch.empty(15, dtype=torch.uint8))
