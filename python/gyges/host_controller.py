@@ -179,10 +179,9 @@ class HostController:
         load = [loads.get(r, RankLoad()) for r in inst.ranks]
         with self._lock:
             capacity = self.capacity_of(inst)
-        # Members of a merged instance step in lockstep and publish the same state.
         return {"ranks": list(inst.ranks), "tp": inst.tp, "leader": inst.leader,
                 "capacity_tokens": capacity,
-                "used_tokens": max(x.used_tokens for x in load),
+                "used_tokens": load[0].used_tokens,  # the leader's view is the instance's
                 "running": load[0].running, "waiting": load[0].waiting}
 
     def status(self) -> dict[str, Any]:

@@ -119,3 +119,49 @@ def test_requests_are_served_while_commands_run(dp4, baseline):
 def test_outputs_unchanged_after_commands(dp4, baseline):
     assert greedy_outputs(dp4.url) == baseline
     assert requests.get(dp4.url + "/health", timeout=30).status_code == 200
+
+
+def _transform(url: str, op: str, ranks: list[int]) -> dict:
+    r = requests.post(f"{url}/gyges/{op}", json={"ranks": ranks}, timeout=300)
+    assert r.status_code == 200, f"{op} {ranks}: {r.text}"
+    return r.json()
+
+
+def _topology(url: str) -> list[list[int]]:
+    return [i["ranks"] for i in requests.get(url + "/gyges/status", timeout=30).json()
+            ["instances"]]
+
+
+def test_hierarchical_merge_and_split_with_requests_in_flight(dp4, baseline):
+    """TP1 x4 -> TP2 x2 -> TP4 -> TP2 x2 -> TP1 x4 while eight streams run: every output
+    equals the untransformed one, nothing is retracted, the status shows each topology."""
+    from gyges.testing.clients import stream_generate
+
+    prompts = [[(11 * i + 7 * j) % 500 + 3 for j in range(n)]
+               for i, n in enumerate((5, 17, 30, 8, 12, 41, 3, 22))]
+    ref = [stream_generate(dp4.url, p, 90)[-1]["output_ids"] for p in prompts]
+    got: dict[int, list[dict]] = {i: [] for i in range(len(prompts))}
+    threads = [threading.Thread(target=stream_generate, args=(dp4.url, p, 90),
+                                kwargs={"chunks": got[i]}) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while min(len(c) for c in got.values()) < 2:
+        assert time.monotonic() < deadline, "the streams did not start"
+        time.sleep(0.05)
+    steps = [("merge", [0, 1], [[0, 1], [2], [3]]), ("merge", [2, 3], [[0, 1], [2, 3]]),
+             ("merge", [0, 1, 2, 3], [[0, 1, 2, 3]]), ("split", [0, 1, 2, 3], [[0, 1], [2, 3]]),
+             ("split", [0, 1], [[0], [1], [2, 3]]), ("split", [2, 3], [[0], [1], [2], [3]])]
+    moved = []
+    for op, ranks, topology in steps:
+        out = _transform(dp4.url, op, ranks)
+        moved.append(out["requests_moved"]["running"])
+        assert _topology(dp4.url) == topology
+    for t in threads:
+        t.join(timeout=600)
+    assert sum(moved) > 0, moved
+    for i, r in enumerate(ref):
+        final = got[i][-1]
+        assert final["output_ids"] == r, f"request {i} diverged"
+        assert final["meta_info"]["num_retractions"] == 0
+    assert greedy_outputs(dp4.url) == baseline

@@ -148,6 +148,25 @@ def test_release_is_all_or_nothing_and_restore_validates() -> None:
         mlp.release([G])
 
 
+def test_adopt_installs_a_received_buffer_without_copying() -> None:
+    mlp, donor = _weights(), _weights()
+    mlp.release([2, 5])
+    buf = mlp.allocate_shard()
+    assert buf.shape == donor.shard_buffer(2).shape and not buf[3 * 8 * 16 :].any()
+    buf[: 3 * 8 * 16].copy_(donor.shard_buffer(2)[: 3 * 8 * 16])  # what a peer would send
+    mlp.adopt(2, buf)
+    assert mlp.shard_buffer(2).data_ptr() == buf.data_ptr()
+    assert torch.equal(mlp.shard_buffer(2), donor.shard_buffer(2))
+    assert torch.equal(mlp.gate_up(2), donor.gate_up(2))
+    with pytest.raises(ValueError, match="already resident"):
+        mlp.adopt(2, mlp.allocate_shard())
+    with pytest.raises(ValueError, match="allocate_shard"):
+        mlp.adopt(5, torch.zeros(buf.numel() - 1))
+    with pytest.raises(ValueError, match="allocate_shard"):
+        mlp.adopt(5, torch.zeros(buf.numel(), dtype=torch.float64))
+    assert mlp.missing_shards(1, 0) == [5]
+
+
 def test_released_memory_is_really_dropped() -> None:
     mlp = _weights()
     buf = mlp.shard_buffer(6)

@@ -250,8 +250,30 @@ class PaddedMLPWeights:
                 f"shard data has {flat.numel()} elements, expected {self.geometry.numel} "
                 f"(unpadded) or {self.geometry.padded_numel} (padded)"
             )
-        buf = self._new_buffer()
+        buf = self.allocate_shard()
         buf[: flat.numel()].copy_(flat)
+        self._install(shard, buf)
+
+    def allocate_shard(self) -> torch.Tensor:
+        """A new flat padded buffer (padding zeroed, contents undefined) to receive a shard
+        into, e.g. straight from a peer; then :meth:`adopt` it. On CPU it is its own
+        anonymous mmap, so a later release unmaps it at once."""
+        return self._new_buffer()
+
+    def adopt(self, shard: int, buf: torch.Tensor) -> None:
+        """Re-materialise a released shard by installing `buf`, a buffer from
+        :meth:`allocate_shard` whose first `geometry.numel` elements hold the shard's data,
+        as its storage (no copy: the restore path of a split that receives in place)."""
+        if self.is_resident(shard):
+            raise ValueError(f"shard {shard} is already resident")
+        if (buf.dtype, buf.device, tuple(buf.shape)) != (
+            self.dtype, self.device, (self.geometry.padded_numel,)
+        ) or not buf.is_contiguous():
+            raise ValueError(
+                f"buffer {buf.dtype} {tuple(buf.shape)} on {buf.device} is not a shard "
+                f"buffer ({self.dtype} ({self.geometry.padded_numel},) on {self.device}); "
+                "use allocate_shard()"
+            )
         self._install(shard, buf)
 
     # -- views ---------------------------------------------------------------------------------

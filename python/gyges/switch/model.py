@@ -35,8 +35,10 @@ def _layers(model: Any) -> list[Any]:
     return list(layers)
 
 
-def check_reshardable(model: Any, k: int, num_shards: int) -> None:
-    """Raise before anything changes if ``model`` cannot be resharded to degree ``k``."""
+def check_reshardable(model: Any, k: int, num_shards: int, *,
+                      already: bool = False) -> None:
+    """Raise before anything changes if ``model`` cannot be resharded to degree ``k``
+    (``already``: it is resharded now and will be restored to TP1 first)."""
     for layer in _layers(model):
         a, m = layer.self_attn, layer.mlp
         for name in ("qkv_proj", "o_proj"):
@@ -51,7 +53,7 @@ def check_reshardable(model: Any, k: int, num_shards: int) -> None:
         inter = m.gate_up_proj.weight.shape[0] // 2
         if PADDED_MLP not in m.__dict__ and inter % num_shards:
             raise ValueError(f"MLP intermediate {inter} not divisible into {num_shards} shards")
-        if SAVED in vars(a.qkv_proj):
+        if SAVED in vars(a.qkv_proj) and not already:
             raise RuntimeError("gyges: model is already resharded")
 
 
