@@ -350,3 +350,17 @@ def test_abort_of_a_request_held_in_the_gate_waits_for_a_live_instance():
     host.finish()  # the gate releases both: each is sent, then its abort
     assert sorted(sent) == sorted(host.aborts) == [("long", 0), ("short", 0)]
     assert not sched.pending and not sched.reservations
+
+
+def test_split_is_live_once_the_long_request_is_gone():
+    """Short requests running on the merged instance do not keep it merged (they move)."""
+    sched, host, clock, sent = make(dp=2)
+    submit(sched, sent, "long", 1500)
+    sched.tick()
+    host.finish()
+    sched.tick()
+    settle(sched, host, clock)  # the long request finished
+    clock.now += HOLD_DOWN
+    host.load = {r: RankLoad(running=3, total_tokens=300, timestamp=clock.now) for r in (0, 1)}
+    sched.tick()
+    assert host.started[-1] == ("split", (0, 1))

@@ -75,7 +75,7 @@ class DispatchLedger:
         return InstanceLoad(used, requests, sum(e.long for e in mine))
 
     def idle(self, inst: Instance, topology: Topology, loads: Mapping[int, RankLoad]) -> bool:
-        """No request known to run or wait there: safe to split without draining."""
+        """No request known to run or wait there."""
         return self.load(inst, topology, loads).requests == 0 and not any(
             topology.instance_of(e.leader) == inst for e in self._entries)
 

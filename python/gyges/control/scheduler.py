@@ -14,8 +14,9 @@ topology, each instance's usable KV slots, its load, the reserved ranks) and act
 - ``Reject``: the tokenizer should have refused it (400); forwarded to the largest
   instance, whose own limits then answer.
 
-Instances this scheduler merged split back (pairwise) once idle with no long request for
-``split_hold_down_s`` (``core.policy.splits_due``); merges made through the admin API
+Instances this scheduler merged split back (pairwise, live: short requests running there
+move to the halves) once no long request may still run there and none was placed there
+for ``split_hold_down_s`` (``core.policy.splits_due``); merges made through the admin API
 are left alone. Transformations run one at a time, merges before splits; nothing waits
 more than ``max_pending_s``.
 
@@ -334,8 +335,7 @@ class TransformationScheduler:
                          long_running)
         for inst in due:
             group = inst.ranks
-            if group not in self.owned or not self.ledger.idle(topo.instance_of(group[0]),
-                                                               topo, loads):
+            if group not in self.owned:
                 continue
             try:
                 job = self.host.start("split", group)

@@ -71,32 +71,10 @@ def comm_check(pool: CommunicatorPool, msg: Message) -> Message:
 
 def after_ingest_requests(_result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
     """Once per event-loop iteration: run pending controller commands (non-blocking on
-    a TP1 rank; a merged instance's leader relays them to its followers), then keep the
-    request caps in step with the instance's KV capacity."""
+    a TP1 rank; a merged instance's leader relays them to its followers)."""
     member = getattr(scheduler, "_gyges_member", None)
     if member is not None:
         member.poll()
-        sync_request_limits(scheduler)
-
-
-def sync_request_limits(scheduler: Any) -> None:
-    """SGLang caps a request by its scheduler's KV pool at boot (``max_req_len``,
-    ``max_req_input_len`` = one replica's ``max_total_num_tokens`` - 1, - 6; a longer
-    prompt is answered "Input length ... exceeds the maximum allowed length"). Under
-    Gyges the cap follows ``max_total_num_tokens`` when a merge grows it (and back on a
-    split), still bounded by the context length: a merged instance accepts the long
-    request the controller routed to it, a TP1 replica still refuses what cannot fit it.
-    """
-    cap = int(scheduler.max_total_num_tokens)
-    boot = getattr(scheduler, "_gyges_boot_limits", None)
-    if boot is None:
-        scheduler._gyges_boot_limits = (cap, scheduler.max_req_len, scheduler.max_req_input_len)
-        return
-    boot_cap, boot_len, boot_input = boot
-    max_req_len = min(scheduler.model_config.context_len - 1, boot_len + cap - boot_cap)
-    if max_req_len != scheduler.max_req_len:
-        scheduler.max_req_len = max_req_len
-        scheduler.max_req_input_len = boot_input + max_req_len - boot_len
 
 
 def after_send_control_output(_result: Any, scheduler: Any, output: Any,

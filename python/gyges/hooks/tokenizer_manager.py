@@ -9,8 +9,8 @@ with 400 on ``/generate`` and an OpenAI error object on ``/v1/*``.
 The limits are attached to the tokenizer manager when the HTTP server starts (see
 ``gyges.hooks.http_server``), from the replica capacity the schedulers reported. The
 same hook raises SGLang's tokenizer-side ``max_req_input_len`` (one replica's) to the
-largest instance's; each scheduler's own cap follows its instance's capacity (see
-``gyges.hooks.scheduler.sync_request_limits``).
+largest instance's; each scheduler's own caps follow its instance's capacity on every
+merge and split (``gyges.switch.capacity.apply_degree``).
 """
 from __future__ import annotations
 
