@@ -1,19 +1,16 @@
 """Automatic transformations on a dp 2 server whose replicas hold 1024 KV slots each
 (tiny Llama, float32 CPU, split hold-down 2 s):
 
-- a request larger than the largest possible instance (TP2: 2 x 1016 usable slots) gets
-  a 400 at once, on /generate and as an OpenAI error object, and the server keeps serving;
-- a request too long for one replica merges the group by itself, is served with stock
-  SGLang's output (one replica configured with 8192 slots), and the group splits back
-  after the hold-down;
-- decisions, transformations and rejections are counted on SGLang's /metrics.
+- a request too long for one replica merges the group by itself (live: short requests
+  keep running), is served with stock SGLang's output (one replica configured with 8192
+  slots), and the group splits back after the hold-down;
+- a long request held for its merge can be aborted.
 """
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import openai
 import pytest
 import requests
 
@@ -46,40 +43,8 @@ def reference():
 @pytest.fixture(scope="module")
 def srv(reference):
     with SGLangServer(tiny_model(LLAMA_GQA), dp_size=2, gyges=True, max_total_tokens=1024,
-                      extra_args=["--gyges-split-hold-down", str(HOLD_DOWN_S),
-                                  "--enable-metrics"]) as s:
+                      extra_args=["--gyges-split-hold-down", str(HOLD_DOWN_S)]) as s:
         yield s
-
-
-def test_limits_in_status(srv):
-    st = status(srv.url)
-    assert st["max_request_tokens"] == 2 * (1024 - 8)
-    assert st["scheduler"]["policy"] == "gyges" and st["scheduler"]["reserved"] == []
-
-
-def test_over_capacity_is_refused_at_once_and_the_server_keeps_serving(srv, reference):
-    t0 = time.monotonic()
-    r = requests.post(srv.url + "/generate", timeout=30, json={
-        "input_ids": [5] * 2100, "sampling_params": {"max_new_tokens": 8}})
-    assert r.status_code == 400, r.text
-    msg = r.json()["error"]["message"]
-    assert "2108 tokens" in msg and "TP2" in msg and "2032" in msg
-    r = requests.post(srv.url + "/generate", timeout=30, json={"input_ids": [5] * 1950})
-    assert r.status_code == 400 and "default" in r.json()["error"]["message"]  # + 128 new
-    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="tiny", prompt=[7] * 100, max_tokens=3000)
-    assert e.value.status_code == 400 and "largest instance" in str(e.value)
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", max_tokens=4000,
-                                       messages=[{"role": "user", "content": "hello"}])
-    body = e.value.body  # SGLang's OpenAI error object
-    assert body["object"] == "error" and body["code"] == 400
-    assert "largest instance" in body["message"]
-    assert time.monotonic() - t0 < 10
-    assert [generate_ids(srv.url, x, NEW_TOKENS) for x in SHORT] == reference["short"]
-    st = status(srv.url)["scheduler"]
-    assert st["pending"] == [] and not st["counters"]["auto_merges"]
 
 
 def wait_for_split(url: str) -> None:
@@ -145,11 +110,3 @@ def test_long_request_merges_by_itself_matches_stock_and_splits_back(srv, refere
     assert st["counters"]["auto_splits"]["done"] >= 1 and st["auto_merged"] == []
     assert [generate_ids(srv.url, x, NEW_TOKENS) for x in SHORT] == reference["short"]
 
-
-def test_prometheus_counters(srv):
-    text = requests.get(srv.url + "/metrics", timeout=30).text
-    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-               if line.startswith("gyges:")}
-    assert samples["gyges:rejected_requests_total"] >= 4
-    assert samples['gyges:decisions_total{kind="dispatch"}'] >= 1
-    assert "gyges:pending_requests" in samples
