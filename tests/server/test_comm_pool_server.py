@@ -13,7 +13,8 @@ from gyges.testing.clients import generate_ids, greedy_outputs
 from gyges.testing.server import SGLangServer, tiny_model
 
 logger = logging.getLogger(__name__)
-MODEL = dict(arch="llama", heads=4, kv_heads=4)
+# A wide MLP (12 MiB of float32 weights per layer) so released shards show in resident memory
+MODEL = dict(arch="llama", heads=4, kv_heads=4, intermediate=8192)
 
 
 def wait_for_pool(url: str, num_ranks: int, timeout_s: float = 120.0) -> dict:
@@ -164,4 +165,36 @@ def test_hierarchical_merge_and_split_with_requests_in_flight(dp4, baseline):
         final = got[i][-1]
         assert final["output_ids"] == r, f"request {i} diverged"
         assert final["meta_info"]["num_retractions"] == 0
+    assert greedy_outputs(dp4.url) == baseline
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def test_merge_releases_mlp_shards_and_split_restores_them(dp4, baseline):
+    """Resident memory of each member drops by about the released shard bytes on a merge to
+    TP2 (and further on TP4) and comes back on the split; outputs stay the same."""
+    st = requests.get(dp4.url + "/gyges/status", timeout=30).json()
+    pids = {p["rank"]: p["pid"] for p in st["processes"]["schedulers"]}
+    before = {r: _rss(pids[r]) for r in (0, 1)}
+    out = _transform(dp4.url, "merge", [0, 1])
+    released = {int(r): m["weight_bytes_released"] for r, m in out["members"].items()}
+    assert all(b >= 12 << 20 for b in released.values()), released  # half of 24 MiB
+    after = {r: _rss(pids[r]) for r in (0, 1)}
+    for r in (0, 1):
+        drop = before[r] - after[r]
+        assert drop >= 0.7 * released[r], (r, drop, released[r])
+    assert out["weight_bytes_released"] == sum(released.values())
+    assert greedy_outputs(dp4.url)["ids"] == baseline["ids"]
+    out = _transform(dp4.url, "split", [0, 1])
+    restored = {int(r): m["weight_bytes_restored"] for r, m in out["members"].items()}
+    assert restored == released or all(v > 0 for v in restored.values()), restored
+    back = {r: _rss(pids[r]) for r in (0, 1)}
+    for r in (0, 1):
+        assert back[r] - after[r] >= 0.7 * restored[r], (r, back[r] - after[r], restored[r])
     assert greedy_outputs(dp4.url) == baseline

@@ -166,6 +166,9 @@ class Transformer:
         members = [replies[r] for r in ranks]
         return {"op": job.kind, "ranks": list(ranks), "instances": instances,
                 "kv_bytes_moved": sum(int(m.get("kv_bytes_moved", 0)) for m in members),
+                **{key: sum(int(m.get(key, 0)) for m in members)
+                   for key in ("weight_bytes_released", "weight_bytes_restored")
+                   if any(key in m for m in members)},
                 "requests_moved": {"running": int(members[0].get("running", 0)),
                                    "waiting": int(members[0].get("waiting", 0))},
                 "elapsed_ms": phases, "held_requests_sent": held, "ready_polls": polls,

@@ -29,6 +29,7 @@ import torch
 
 from gyges.comm.kv_transfer import execute_plan
 from gyges.comm.pool import CommunicatorPool, PoolGroup
+from gyges.comm.weight_transfer import release_shards, restore_shards
 from gyges.control.channel import Message
 from gyges.control.commands import CommandClient
 from gyges.core.migration_plan import (
@@ -173,6 +174,7 @@ class GroupMember:
                 model_switch.restore_tp1(runner.model)
             weight_bytes = model_switch.reshard_model(runner.model, k, r, coord,
                                                       self.pool.max_tp)
+            released = release_shards(model_switch.padded_weights(runner.model), k, r)
             ph.mark("reshard_ms")
             cap = capacity.apply_degree(s, k)
             moved_reqs = migration.install_work(s, works)
@@ -191,7 +193,8 @@ class GroupMember:
                     k, list(ranks), r, moved_reqs, ph.ms)
         return {"tp": k, "local_rank": r, "phases_ms": ph.ms, "capacity_tokens": cap,
                 "kv_bytes_moved": moved.bytes_sent, "kv_bytes_local": moved.bytes_local,
-                "sliced_weight_bytes": weight_bytes, **moved_reqs}
+                "sliced_weight_bytes": weight_bytes, "weight_bytes_released": released,
+                **moved_reqs}
 
     def on_split(self, msg: Message) -> Message:
         """A TP-k instance becomes its two halves (TP-k/2 each); every running request goes
@@ -233,6 +236,9 @@ class GroupMember:
                               [new_rows[i] - offset for i in mine],
                               [q for i, q in enumerate(s.waiting_queue) if i % 2 == half])
         runner = s.tp_worker.model_runner
+        padded = model_switch.padded_weights(runner.model)
+        restored = restore_shards(padded, k, k_new, r, group.device_group) if padded else None
+        ph.mark("weight_restore_ms")
         old = self.coordinator
         model_switch.restore_tp1(runner.model)
         if k_new == 1:
@@ -259,7 +265,9 @@ class GroupMember:
                     k_new, moved_reqs, ph.ms)
         return {"tp": k_new, "phases_ms": ph.ms, "capacity_tokens": cap,
                 "kv_bytes_moved": moved.bytes_sent, "kv_bytes_local": moved.bytes_local,
-                "pages_copied": len(split.copies), **moved_reqs}
+                "pages_copied": len(split.copies),
+                "weight_bytes_restored": restored.bytes_received if restored else 0,
+                **moved_reqs}
 
     def _sync_counters(self, group: PoolGroup, seed: int) -> None:
         """Same RNG and step counters on every member (leader's values)."""

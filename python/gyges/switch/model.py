@@ -95,8 +95,8 @@ def reshard_model(model: Any, k: int, r: int, group: Any, num_shards: int) -> in
         o.reduce_results = True  # the TP1-built attention boundary owes no sum
         padded = m.__dict__.get(PADDED_MLP)
         if padded is not None:
-            # Padded shards: bind the owned ones (s % k == r). All stay resident for now;
-            # releasing the others (and restoring them on split) is the live-merge work.
+            # Padded shards: bind the owned ones (s % k == r); the member then releases the
+            # others (gyges.comm.weight_transfer) and restores them on split.
             padded.set_degree(k, r)
             new_bytes += sum(t.numel() * t.element_size() for t in (qkv.weight, o.weight))
             continue
@@ -120,11 +120,21 @@ def restore_tp1(model: Any) -> None:
     for layer in _layers(model):
         a, m = layer.self_attn, layer.mlp
         padded = m.__dict__.get(PADDED_MLP)
-        if padded is not None:
-            padded.set_degree(1, 0)
+        if padded is not None and not padded.weights.missing_shards(1, 0):
+            padded.set_degree(1, 0)  # else the caller binds it once shards are back
         for mod in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj, a, a.attn):
             saved = vars(mod).pop(SAVED, None)
             if saved is None:
                 continue
             for name, value in saved.items():
                 setattr(mod, name, value)
+
+
+def padded_weights(model: Any) -> list[Any]:
+    """The padded MLP shard stores of every layer (empty if the MLPs are dense)."""
+    out = []
+    for layer in _layers(model):
+        padded = layer.mlp.__dict__.get(PADDED_MLP)
+        if padded is not None:
+            out.append(padded.weights)
+    return out
