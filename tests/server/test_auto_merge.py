@@ -59,12 +59,13 @@ def post_generate(url: str, body: dict) -> dict:
 
 
 def test_abort_of_a_request_held_for_a_merge(srv):
-    """A long request waits for its group to drain (a running request) before the merge;
-    aborting it then answers the client once the merge is done, without serving it."""
+    """A long request waits while its group cannot merge (a running request with penalties,
+    whose state does not move); aborting it answers the client once the merge is done,
+    without serving it."""
     with ThreadPoolExecutor(2) as pool:
         blocker = pool.submit(post_generate, srv.url, {
-            "input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": 300,
-                                                        "ignore_eos": True}})
+            "input_ids": [7, 8, 9], "sampling_params": {
+                "max_new_tokens": 300, "ignore_eos": True, "frequency_penalty": 0.1}})
         time.sleep(1.0)
         # 900 prompt + 300 new > one replica's 1016 usable slots: it needs TP2.
         held = pool.submit(post_generate, srv.url, {
