@@ -193,17 +193,17 @@ def kv_side(args, k: int, rank: int, pg: dist.ProcessGroup,
                         dtype=torch.uint8)
     layer = torch.zeros(max(workspace_bytes(plan(*ks), rank, storages, buffers_per_round=2)
                             for _, ks in ops), dtype=torch.uint8)
-    variants = {
-        "gyges": lambda kf, kt: execute_plan(plan(kf, kt), group, rank, pg, storages,
-                                             workspace=whole),
+    variants = {  # (a) and (c) run back to back: their ratio is taken per rep
         "layer": lambda kf, kt: execute_plan(plan(kf, kt), group, rank, pg, storages,
                                              buffers_per_round=2, workspace=layer),
-        "fresh": lambda kf, kt: execute_plan(plan(kf, kt), group, rank, pg, storages),
-        "copies": lambda kf, kt: execute_plan(_in_place(plan(kf, kt), rank), (rank,), rank,
-                                              solo, storages, workspace=whole),
-        "basic": lambda kf, kt: basic.merge() if kf == 1 else basic.split(),
         "raw": lambda kf, kt: pg.alltoall_base(*raw["merge" if kf == 1 else "split"],
                                                dist.AllToAllOptions()).wait(),
+        "gyges": lambda kf, kt: execute_plan(plan(kf, kt), group, rank, pg, storages,
+                                             workspace=whole),
+        "copies": lambda kf, kt: execute_plan(_in_place(plan(kf, kt), rank), (rank,), rank,
+                                              solo, storages, workspace=whole),
+        "fresh": lambda kf, kt: execute_plan(plan(kf, kt), group, rank, pg, storages),
+        "basic": lambda kf, kt: basic.merge() if kf == 1 else basic.split(),
     }
     for _ in range(args.reps):
         for name, fn in variants.items():  # merge then split: the state returns each time
@@ -243,6 +243,9 @@ def weight_side(args, k: int, rank: int, pg: dist.ProcessGroup) -> dict[str, lis
     own = args.mlp_layers * geometry.nbytes  # one shard per layer at degree k
     flat = torch.ones(own // geometry.elem_size, dtype=dtype)
     gathered = torch.zeros(k * flat.numel(), dtype=dtype)
+    splits = [0 if p == rank else flat.numel() for p in range(k)]  # own bytes to each peer
+    a2a = (torch.zeros(sum(splits), dtype=dtype), torch.ones(sum(splits), dtype=dtype),
+           splits, splits)
     out: dict[str, list[float] | int] = {"restore_bytes": 0, "released_bytes": 0}
     for _ in range(args.reps):
         got: list = []  # what the timed calls return: released bytes, restore stats
@@ -250,15 +253,17 @@ def weight_side(args, k: int, rank: int, pg: dist.ProcessGroup) -> dict[str, lis
             timed(pg, lambda got=got: got.append(release_shards(weights, k, rank))))
         out.setdefault("restore", []).append(
             timed(pg, lambda got=got: got.append(restore_shards(weights, k, 1, rank, pg))))
+        out.setdefault("all_gather", []).append(timed(pg, lambda: pg._allgather_base(
+            torch.empty(k * flat.numel(), dtype=dtype), flat).wait()))
         out["released_bytes"] = _sum(pg, got[0])
         out["restore_bytes"] = _sum(pg, got[1].bytes_received)
         release_shards(weights, k, rank)
         out.setdefault("restore_packed", []).append(
             timed(pg, lambda: _restore_packed(weights, k, rank, pg)))
-        out.setdefault("all_gather", []).append(timed(pg, lambda: pg._allgather_base(
-            torch.empty(k * flat.numel(), dtype=dtype), flat).wait()))
         out.setdefault("all_gather_reused", []).append(timed(pg, lambda: pg._allgather_base(
             gathered, flat).wait()))
+        out.setdefault("all_to_all_reused", []).append(timed(pg, lambda: pg.alltoall_base(
+            *a2a, dist.AllToAllOptions()).wait()))
     return out
 
 
@@ -323,28 +328,38 @@ def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def ratio(num: list[float], den: list[float]) -> float:
+    """Median over reps of the per-rep ratio (each rep runs both close together, so a load
+    swing on the shared box hits both)."""
+    return med([n / d for n, d in zip(num, den, strict=True)])
+
+
 NOTES = """\
 ## Reading the numbers
 
 - Every figure here is CPU work: gloo over loopback TCP is the kernel copying bytes through
-  socket buffers, on the same two cores and memory bus as the packing. Gyges packs the
-  moved rows into one buffer per peer and unpacks them on the other side (an `index_select`
-  and an `index_copy_` per buffer and peer), which costs about as much as the transfer
-  itself here, so (a) lands near 2x (c) where the pipeline cannot hide it. With 2 ranks,
-  packing layer l+1 overlaps layer l's all-to-all; with 4 ranks on 2 cores nothing can
-  overlap. On GPUs the gathers run at HBM bandwidth, an order of magnitude above
-  NVLink/PCIe, so the same structure should sit much closer to the raw collective; that
-  is not measured here.
+  socket buffers, on the same two cores and memory bus as the packing. Gyges gathers the
+  moved rows into one buffer per peer and scatters them on the other side (an
+  `index_select` and an `index_copy_` per buffer and peer); "pack + unpack alone" times
+  exactly those copies without any communication, and it is about as large as the raw
+  all-to-all itself, so (a) ~ (c) + copies. Per-layer rounds are pipelined (layer l+1 is
+  packed while layer l is on the wire), but with every rank's main thread and gloo's
+  threads on two busy cores there is little idle CPU to overlap with. This is why the
+  1.25x goal is missed here. On GPUs the gathers run at HBM bandwidth, an order of
+  magnitude above NVLink/PCIe, so the same structure should sit much closer to the raw
+  collective; that is not measured.
 - Fresh staging memory is page-faulted in on every call (large CPU allocations are fresh
-  mmaps); a workspace allocated once (`workspace_bytes`) avoids it, as the raw all-to-all's
-  preallocated buffers do.
+  mmaps); a workspace allocated once (`workspace_bytes`) avoids it, as the raw
+  collectives' preallocated buffers do.
 - Basic sends one message per used page and peer for every layer's K and V and gathers the
   head slices of each page; its cost grows with the number of pages (page size 1: per
   token) while Gyges' grows with the bytes.
 - Weights: a merge releases shards (an unmap; 0 bytes copied). `restore_shards` sends each
   shard straight from its holder's buffer into the receiver's new buffer; the packed
-  variant (one message per rank) adds a copy on each side; gloo's all_gather passes data
-  around a ring, and writing into a new buffer page-faults it in like a restore does.
+  variant (one message per rank) adds a copy on each side. A restore must write into new
+  memory, which is page-faulted in as it arrives: compare it with the all_gather into a
+  new buffer (the goal's baseline); gloo's all_gather is itself slower than an all-to-all
+  of the same bytes, which is the tighter bound (last raw column, no page faults).
 - The box is shared and loaded (see the load average): figures move by tens of percent
   between runs; ratios within one run are more stable than absolute times.
 """
@@ -369,7 +384,7 @@ def render(args: argparse.Namespace, results: dict[int, dict], command: str, loa
         f"{args.used_fraction:.0%} of the {args.page_size}-slot pages used (random pages). "
         f"MLP: {args.mlp_layers} layers, hidden {args.hidden}, intermediate "
         f"{args.intermediate}, {args.dtype}, G = k shards. Times: slowest rank, median of "
-        f"{args.reps} reps, ms.",
+        f"{args.reps} reps, ms; ratios: median of the per-rep ratios.",
         "",
         "## KV",
         "",
@@ -383,27 +398,31 @@ def render(args: argparse.Namespace, results: dict[int, dict], command: str, loa
         for op in ("merge", "split"):
             a, one, fresh, copies, c, b = (
                 med(r[f"{op}_{v}"]) for v in ("layer", "gyges", "fresh", "copies", "raw", "basic"))
+            a_c, b_a = ratio(r[f"{op}_layer"], r[f"{op}_raw"]), ratio(r[f"{op}_basic"],
+                                                                      r[f"{op}_layer"])
             lines.append(f"| {k} | {op} | {r[f'{op}_bytes'] / MiB:.1f} MiB | {a:.1f} | "
                          f"{one:.1f} | {fresh:.1f} | {copies:.1f} | {c:.1f} | {b:.1f} | "
-                         f"{a / c:.2f}x | {b / a:.1f}x |")
-            goals["kv"].append(f"{a / c:.2f}x (k={k} {op})")
-            goals["basic"].append(f"{b / a:.1f}x (k={k} {op})")
+                         f"{a_c:.2f}x | {b_a:.1f}x |")
+            goals["kv"].append(f"{a_c:.2f}x (k={k} {op})")
+            goals["basic"].append(f"{b_a:.1f}x (k={k} {op})")
     lines += [
         "",
         "## MLP weights",
         "",
         "| k | merge: release | released / copied | split: restore_shards | restore, packed | "
-        "raw all_gather, new buffer | raw all_gather, reused buffer | bytes restored (all "
-        "ranks) | restore / all_gather (new) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "raw all_gather, new buffer | raw all_gather, reused buffer | raw all-to-all, reused "
+        "buffers | bytes restored (all ranks) | restore / all_gather (new) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, r in results.items():
         rest, packed = med(r["restore"]), med(r["restore_packed"])
-        ag, ag_reused = med(r["all_gather"]), med(r["all_gather_reused"])
+        ag, ag_reused, a2a = (med(r[v]) for v in ("all_gather", "all_gather_reused",
+                                                  "all_to_all_reused"))
         lines.append(f"| {k} | {med(r['release']):.2f} ms | {r['released_bytes'] / MiB:.0f} "
                      f"MiB / 0 B | {rest:.1f} | {packed:.1f} | {ag:.1f} | {ag_reused:.1f} | "
-                     f"{r['restore_bytes'] / MiB:.0f} MiB | {rest / ag:.2f}x |")
-        goals["weights"].append(f"{rest / ag:.2f}x (k={k})")
+                     f"{a2a:.1f} | {r['restore_bytes'] / MiB:.0f} MiB | "
+                     f"{ratio(r['restore'], r['all_gather']):.2f}x |")
+        goals["weights"].append(f"{ratio(r['restore'], r['all_gather']):.2f}x (k={k})")
     lines += [
         "",
         "## Goals",
