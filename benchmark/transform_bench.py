@@ -345,9 +345,9 @@ NOTES = """\
   all-to-all itself, so (a) ~ (c) + copies. Per-layer rounds are pipelined (layer l+1 is
   packed while layer l is on the wire), but with every rank's main thread and gloo's
   threads on two busy cores there is little idle CPU to overlap with. This is why the
-  1.25x goal is missed here. On GPUs the gathers run at HBM bandwidth, an order of
-  magnitude above NVLink/PCIe, so the same structure should sit much closer to the raw
-  collective; that is not measured.
+  1.25x goal is missed here. On GPUs the gathers run at HBM bandwidth, several times
+  NVLink's and tens of times PCIe's, so the same structure should sit much closer to the
+  raw collective; that is not measured (no GPU was available).
 - Fresh staging memory is page-faulted in on every call (large CPU allocations are fresh
   mmaps); a workspace allocated once (`workspace_bytes`) avoids it, as the raw
   collectives' preallocated buffers do.

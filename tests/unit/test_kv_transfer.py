@@ -37,7 +37,7 @@ class Case(NamedTuple):
 CASES = (
     Case("merge 1->2", 2, 1, 2),
     Case("split 2->1", 2, 2, 1),
-    Case("local and cross moves", 2, 0, 0),
+    Case("local and cross moves", 2, 0, 0, per_round=1),
     Case("merge 1->4", 4, 1, 4),
     Case("merge 2->4", 4, 2, 4, per_round=2),
     Case("split 4->2", 4, 4, 2),
