@@ -157,7 +157,7 @@ class HostController:
             capacity = self.capacity_of(inst)
         return {"ranks": list(inst.ranks), "tp": inst.tp, "leader": inst.leader,
                 "capacity_tokens": capacity,
-                "used_tokens": sum(x.used_tokens for x in load),
+                "used_tokens": load[0].used_tokens,  # the leader's view is the instance's
                 "running": load[0].running, "waiting": load[0].waiting}
 
     def status(self) -> dict[str, Any]:

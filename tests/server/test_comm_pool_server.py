@@ -13,7 +13,8 @@ from gyges.testing.clients import generate_ids, greedy_outputs
 from gyges.testing.server import SGLangServer, tiny_model
 
 logger = logging.getLogger(__name__)
-MODEL = dict(arch="llama", heads=4, kv_heads=4)
+# A wide MLP (12 MiB of float32 weights per layer) so released shards show in resident memory
+MODEL = dict(arch="llama", heads=4, kv_heads=4, intermediate=8192)
 
 
 def wait_for_pool(url: str, num_ranks: int, timeout_s: float = 120.0) -> dict:
@@ -119,3 +120,81 @@ def test_requests_are_served_while_commands_run(dp4, baseline):
 def test_outputs_unchanged_after_commands(dp4, baseline):
     assert greedy_outputs(dp4.url) == baseline
     assert requests.get(dp4.url + "/health", timeout=30).status_code == 200
+
+
+def _transform(url: str, op: str, ranks: list[int]) -> dict:
+    r = requests.post(f"{url}/gyges/{op}", json={"ranks": ranks}, timeout=300)
+    assert r.status_code == 200, f"{op} {ranks}: {r.text}"
+    return r.json()
+
+
+def _topology(url: str) -> list[list[int]]:
+    return [i["ranks"] for i in requests.get(url + "/gyges/status", timeout=30).json()
+            ["instances"]]
+
+
+def test_hierarchical_merge_and_split_with_requests_in_flight(dp4, baseline):
+    """TP1 x4 -> TP2 x2 -> TP4 -> TP2 x2 -> TP1 x4 while eight streams run: every output
+    equals the untransformed one, nothing is retracted, the status shows each topology."""
+    from gyges.testing.clients import stream_generate
+
+    prompts = [[(11 * i + 7 * j) % 500 + 3 for j in range(n)]
+               for i, n in enumerate((5, 17, 30, 8, 12, 41, 3, 22))]
+    ref = [stream_generate(dp4.url, p, 90)[-1]["output_ids"] for p in prompts]
+    got: dict[int, list[dict]] = {i: [] for i in range(len(prompts))}
+    threads = [threading.Thread(target=stream_generate, args=(dp4.url, p, 90),
+                                kwargs={"chunks": got[i]}) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while min(len(c) for c in got.values()) < 2:
+        assert time.monotonic() < deadline, "the streams did not start"
+        time.sleep(0.05)
+    steps = [("merge", [0, 1], [[0, 1], [2], [3]]), ("merge", [2, 3], [[0, 1], [2, 3]]),
+             ("merge", [0, 1, 2, 3], [[0, 1, 2, 3]]), ("split", [0, 1, 2, 3], [[0, 1], [2, 3]]),
+             ("split", [0, 1], [[0], [1], [2, 3]]), ("split", [2, 3], [[0], [1], [2], [3]])]
+    moved = []
+    for op, ranks, topology in steps:
+        out = _transform(dp4.url, op, ranks)
+        moved.append(out["requests_moved"]["running"])
+        assert _topology(dp4.url) == topology
+    for t in threads:
+        t.join(timeout=600)
+    assert sum(moved) > 0, moved
+    for i, r in enumerate(ref):
+        final = got[i][-1]
+        assert final["output_ids"] == r, f"request {i} diverged"
+        assert final["meta_info"]["num_retractions"] == 0
+    assert greedy_outputs(dp4.url) == baseline
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def test_merge_releases_mlp_shards_and_split_restores_them(dp4, baseline):
+    """Resident memory of each member drops by about the released shard bytes on a merge to
+    TP2 (and further on TP4) and comes back on the split; outputs stay the same."""
+    st = requests.get(dp4.url + "/gyges/status", timeout=30).json()
+    pids = {p["rank"]: p["pid"] for p in st["processes"]["schedulers"]}
+    before = {r: _rss(pids[r]) for r in (0, 1)}
+    out = _transform(dp4.url, "merge", [0, 1])
+    released = {int(r): m["weight_bytes_released"] for r, m in out["members"].items()}
+    assert all(b >= 12 << 20 for b in released.values()), released  # half of 24 MiB
+    after = {r: _rss(pids[r]) for r in (0, 1)}
+    for r in (0, 1):
+        drop = before[r] - after[r]
+        assert drop >= 0.7 * released[r], (r, drop, released[r])
+    assert out["weight_bytes_released"] == sum(released.values())
+    assert greedy_outputs(dp4.url)["ids"] == baseline["ids"]
+    out = _transform(dp4.url, "split", [0, 1])
+    restored = {int(r): m["weight_bytes_restored"] for r, m in out["members"].items()}
+    assert restored == released or all(v > 0 for v in restored.values()), restored
+    back = {r: _rss(pids[r]) for r in (0, 1)}
+    for r in (0, 1):
+        assert back[r] - after[r] >= 0.7 * restored[r], (r, back[r] - after[r], restored[r])
+    assert greedy_outputs(dp4.url) == baseline

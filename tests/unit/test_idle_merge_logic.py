@@ -17,7 +17,7 @@ from gyges.control.commands import CommandBus, CommandClient, command_address
 from gyges.control.dispatch_gate import DispatchGate
 from gyges.control.transform import Transformer
 from gyges.core.dense_shards import owned_mlp_columns
-from gyges.switch.kv_pool import full_head_num, reshape_kv_pool
+from gyges.switch import capacity
 from gyges.topology import Instance, Topology
 
 # -- topology ----------------------------------------------------------------------------
@@ -104,7 +104,8 @@ class FakeBus:
         if msg["op"] == "idle":
             idle = self.busy_polls <= 0
             self.busy_polls -= 1
-            return {r: {"ok": True, "idle": idle, "running": 0 if idle else 1, "waiting": 0}
+            return {r: {"ok": True, "idle": idle, "ready": idle, "running": 0 if idle else 1,
+                        "waiting": 0, "why": None if idle else "chunked prefill"}
                     for r in ranks}
         if self.block is not None:
             self.block.wait(10)
@@ -131,10 +132,10 @@ def finish(tr, job):
     return out["result"]
 
 
-def test_merge_waits_for_idle_then_switches_and_reroutes():
+def test_merge_waits_until_ready_then_switches_and_reroutes():
     tr, routing, state = make(FakeBus(busy_polls=2))
     res = finish(tr, tr.start({"op": "merge", "ranks": [1, 0]})["job"])
-    assert res["instances"] == [{"ranks": [0, 1], "tp": 2}] and res["idle_polls"] == 3
+    assert res["instances"] == [{"ranks": [0, 1], "tp": 2}] and res["ready_polls"] == 3
     assert state["topo"].instances == (Instance((0, 1)),)
     assert routing.log == [("pause", (0, 1)), ("instance", (0, 1)), ("resume", (0, 1))]
     res = finish(tr, tr.start({"op": "split", "ranks": [0, 1]})["job"])
@@ -151,11 +152,12 @@ def test_busy_group_gets_409_and_dispatch_resumes():
     assert routing.log[-1] == ("resume", (0, 1)) and state["topo"] == Topology.boot(2)
 
 
-def test_member_refusal_is_409_other_failures_500():
-    tr, _, _ = make(FakeBus(fail="RuntimeError: group busy: rank 1 has running requests"))
+def test_member_refusal_is_retried_then_409_other_failures_500():
+    bus = FakeBus(fail="RuntimeError: group busy: rank 1 has unread requests")
+    tr, _, _ = make(bus, idle_timeout_s=0.3)
     with pytest.raises(ControlError) as e:
         tr.poll({"job": tr.start({"op": "merge", "ranks": [0, 1]})["job"], "wait_s": 5})
-    assert e.value.status == 409
+    assert e.value.status == 409 and bus.sent.count("merge") > 1
     tr, _, state = make(FakeBus(fail="boom"))
     with pytest.raises(ControlError) as e:
         tr.poll({"job": tr.start({"op": "merge", "ranks": [0, 1]})["job"], "wait_s": 5})
@@ -195,17 +197,31 @@ def test_mlp_columns_partition_and_nest():
         owned_mlp_columns(6, 4, 2, 0)
 
 
-def test_reshape_kv_pool_is_a_view_and_restores():
-    rows, heads, d = 5, 4, 3
-    k = [torch.arange(rows * heads * d, dtype=torch.float32).view(rows, heads, d)]
-    v = [t.clone() for t in k]
-    pool = SimpleNamespace(k_buffer=k, v_buffer=v, head_num=heads, head_dim=d, v_head_dim=d,
-                           row_dim=heads * d, v_row_dim=heads * d)
-    reshape_kv_pool(pool, 2)
-    assert pool.k_buffer[0].shape == (rows, 2, d) and pool.row_dim == 6
-    assert pool.k_buffer[0].data_ptr() == k[0].data_ptr() and full_head_num(pool) == 4
-    reshape_kv_pool(pool, 4)
-    assert pool.k_buffer[0] is k[0] and pool.head_num == 4
+def test_pool_views_at_degree_k_hold_k_times_the_slots():
+    from gyges.core.kv_layout import HeadMajorLayout
+
+    heads, slots, d, page = 4, 8, 3, 2
+    layout = HeadMajorLayout(heads, slots, d)
+    k_st = [layout.allocate(torch.float32)]
+    v_st = [layout.allocate(torch.float32)]
+    pool = SimpleNamespace(gyges_k_layout=layout, gyges_v_layout=layout, gyges_k_storage=k_st,
+                           gyges_v_storage=v_st, head_dim=d, v_head_dim=d, page_size=page,
+                           k_data_ptrs=torch.zeros(1, dtype=torch.uint64))
+    capacity.view_pool(pool, 2)
+    assert pool.k_buffer[0].shape == (2 * slots, 2, d) and pool.head_num == 2
+    assert pool.k_buffer[0].data_ptr() == k_st[0].data_ptr() and pool.row_dim == 2 * d
+    assert capacity.capacity_at(pool, 2) == 2 * slots - page
+    capacity.view_pool(pool, 1)
+    assert pool.k_buffer[0].shape == (slots, heads, d)
+
+
+def test_free_pages_are_every_page_no_row_uses():
+    alloc = SimpleNamespace(page_size=2, size=14, device="cpu", free_group=[1],
+                            release_pages=torch.tensor([3]))
+    s = SimpleNamespace(token_to_kv_pool_allocator=alloc)
+    capacity.set_free_pages(s, torch.tensor([2, 3, 9, 13]))
+    assert alloc.free_pages.tolist() == [2, 3, 5, 7] and alloc.free_group is None
+    assert alloc.release_pages.numel() == 0
 
 
 # -- follower relay ----------------------------------------------------------------------
@@ -238,3 +254,40 @@ def test_take_consumes_own_copy_and_refuses_unrelayed_commands():
     finally:
         client.close()
         bus.close()
+
+
+def test_finished_jobs_are_observed_with_status_and_result():
+    seen = []
+    tr, _, _ = make(FakeBus())
+    tr.observe = lambda op, status, s, result: seen.append((op, status, result is not None))
+    finish(tr, tr.start({"op": "merge", "ranks": [0, 1]})["job"])
+    tr2, _, _ = make(FakeBus(fail="boom"))
+    tr2.observe = tr.observe
+    with pytest.raises(ControlError):
+        tr2.poll({"job": tr2.start({"op": "merge", "ranks": [0, 1]})["job"], "wait_s": 5})
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == [("merge", 200, True), ("merge", 500, False)]
+
+
+def test_transform_metrics_count_bytes_and_durations(tmp_path, monkeypatch):
+    import prometheus_client
+
+    from gyges.control.transform_metrics import TransformMetrics
+
+    registry = prometheus_client.CollectorRegistry()
+    monkeypatch.setattr(prometheus_client.metrics, "REGISTRY", registry, raising=False)
+    for name in ("Counter", "Histogram"):
+        cls = getattr(prometheus_client, name)
+        monkeypatch.setattr(prometheus_client, name,
+                            lambda *a, _cls=cls, **k: _cls(*a, registry=registry, **k))
+    m = TransformMetrics()
+    m.observe("merge", 200, 0.12, {"kv_bytes_moved": 1000, "weight_bytes_released": 64})
+    m.observe("split", 409, 0.5, None)
+    get = registry.get_sample_value
+    assert get("gyges:transformations_total", {"op": "merge", "outcome": "ok"}) == 1
+    assert get("gyges:transformations_total", {"op": "split", "outcome": "refused"}) == 1
+    assert get("gyges:kv_bytes_moved_total", {"op": "merge"}) == 1000
+    assert get("gyges:weight_bytes_released_total") == 64
+    assert get("gyges:transformation_duration_seconds_count", {"op": "merge"}) == 1

@@ -1,4 +1,5 @@
-"""Merge and split of idle groups, driven by the host controller; engine-agnostic.
+"""Merge and split of aligned groups with requests in flight, driven by the host controller;
+engine-agnostic.
 
 A transformation runs as a background job so the control channel stays responsive
 (``/gyges/status``) and a second request while one runs gets 409 at once. Steps (merge;
@@ -7,9 +8,12 @@ split mirrors it):
   1. validate (400) and claim the single transformation slot (409);
   2. pause the group's ranks in the dispatch gate: new requests go to other instances
      or wait in the controller; control messages wait;
-  3. poll the members with ``idle`` until every one reports idle (bounded; else 409
-     "group busy");
-  4. send ``merge`` to every member; they switch in a collective, between steps;
+  3. poll the members with ``idle`` until every one reports ``ready`` (its work can move:
+     nothing unread, no chunked prefill or unmovable request; bounded, else 409 "group
+     busy"); running requests keep running meanwhile;
+  4. send ``merge`` to every member; they switch in a collective, between steps, and carry
+     their running and waiting requests over (a unanimous "group busy" refusal, e.g. a
+     request arrived between the poll and the switch, goes back to step 3);
   5. update the topology and routing (followers get nothing), resume dispatch.
 """
 from __future__ import annotations
@@ -59,12 +63,15 @@ class Transformer:
                  routing: Routing, get_topology: Callable[[], Topology],
                  set_topology: Callable[[Topology], None],
                  describe: Callable[[Instance], Message],
-                 idle_timeout_s: float = 60.0) -> None:
+                 idle_timeout_s: float = 60.0,
+                 observe: Callable[[str, int, float, Message | None], None] | None = None
+                 ) -> None:
         self.num_ranks, self.max_tp = num_ranks, max_tp
         self.bus, self.bus_lock, self.routing = bus, bus_lock, routing
         self.get_topology, self.set_topology, self.describe = (get_topology, set_topology,
                                                                describe)
         self.idle_timeout_s = idle_timeout_s
+        self.observe = observe  # (op, HTTP status, seconds, result or None) per finished job
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._jobs: dict[int, Job] = {}
@@ -110,6 +117,7 @@ class Transformer:
     # -- the job --------------------------------------------------------------------------
 
     def _run(self, job: Job, target: Topology) -> None:
+        t0 = time.perf_counter()
         try:
             job.result = self._transform(job, target)
         except ControlError as e:
@@ -120,6 +128,9 @@ class Transformer:
             with self._lock:
                 self.running = None
             job.done.set()
+        if self.observe is not None:
+            status = 200 if job.error is None else job.error.status
+            self.observe(job.kind, status, time.perf_counter() - t0, job.result)
 
     def _transform(self, job: Job, target: Topology) -> Message:
         t0 = time.perf_counter()
@@ -128,16 +139,22 @@ class Transformer:
         self.routing.pause(ranks)
         switched = False
         try:
-            idle = self._wait_idle(ranks)
-            phases["wait_idle_ms"] = _ms(t0)
-            t1 = time.perf_counter()
-            seed = random.randrange(1 << 31)
-            replies = self._run_bus(ranks, {"op": job.kind, "ranks": list(ranks),
-                                            "seed": seed}, SWITCH_TIMEOUT_S)
-            failed = {r: x.get("error") for r, x in replies.items() if not x.get("ok")}
-            if failed and len(failed) == len(ranks) and all(
-                    "group busy" in str(e) for e in failed.values()):
-                raise ControlError(f"group busy: {failed}", 409)
+            polls = 0
+            while True:
+                polls += self._wait_ready(ranks, t0)
+                phases["wait_ready_ms"] = _ms(t0)
+                t1 = time.perf_counter()
+                seed = random.randrange(1 << 31)
+                replies = self._run_bus(ranks, {"op": job.kind, "ranks": list(ranks),
+                                                "seed": seed}, SWITCH_TIMEOUT_S)
+                failed = {r: x.get("error") for r, x in replies.items() if not x.get("ok")}
+                busy = failed and len(failed) == len(ranks) and all(
+                    "group busy" in str(e) for e in failed.values())
+                if not busy:
+                    break
+                if time.monotonic() - t0 > self.idle_timeout_s or "fits neither" in str(
+                        next(iter(failed.values()))):
+                    raise ControlError(f"group busy: {failed}", 409)
             if failed:
                 raise ControlError(f"{job.kind} failed on rank(s) {sorted(failed)}: {failed}; "
                                    "the group's state is unknown", 500)
@@ -153,26 +170,32 @@ class Transformer:
         phases["routing_ms"] = _ms(t2) if switched else 0.0
         phases["total_ms"] = _ms(t0)
         instances = [self.describe(i) for i in target.instances if i.ranks[0] in ranks]
+        members = [replies[r] for r in ranks]
         return {"op": job.kind, "ranks": list(ranks), "instances": instances,
-                "elapsed_ms": phases, "held_requests_sent": held, "idle_polls": idle,
+                "kv_bytes_moved": sum(int(m.get("kv_bytes_moved", 0)) for m in members),
+                **{key: sum(int(m.get(key, 0)) for m in members)
+                   for key in ("weight_bytes_released", "weight_bytes_restored")
+                   if any(key in m for m in members)},
+                "requests_moved": {"running": int(members[0].get("running", 0)),
+                                   "waiting": int(members[0].get("waiting", 0))},
+                "elapsed_ms": phases, "held_requests_sent": held, "ready_polls": polls,
                 "members": {str(r): {k: v for k, v in replies[r].items()
                                      if k not in ("id", "rank", "ok")} for r in ranks}}
 
-    def _wait_idle(self, ranks: tuple[int, ...]) -> int:
-        deadline = time.monotonic() + self.idle_timeout_s
+    def _wait_ready(self, ranks: tuple[int, ...], t0: float) -> int:
+        """Poll ``idle`` until every member reports ready; returns the number of polls."""
         polls = 0
         while True:
             polls += 1
             replies = self._run_bus(ranks, {"op": "idle"}, IDLE_POLL_TIMEOUT_S)
-            busy = {r: x for r, x in replies.items() if not (x.get("ok") and x.get("idle"))}
+            busy = {r: x for r, x in replies.items() if not (x.get("ok") and x.get("ready"))}
             if not busy:
                 return polls
-            if time.monotonic() > deadline:
-                detail = {r: {"running": x.get("running"), "waiting": x.get("waiting"),
-                              "error": x.get("error")} for r, x in busy.items()}
-                raise ControlError(f"group busy: ranks {sorted(busy)} did not become idle "
+            if time.monotonic() - t0 > self.idle_timeout_s:
+                detail = {r: x.get("why") or x.get("error") for r, x in busy.items()}
+                raise ControlError(f"group busy: ranks {sorted(busy)} were not ready "
                                    f"within {self.idle_timeout_s:g}s: {detail}", 409)
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     def _run_bus(self, ranks: tuple[int, ...], msg: Message,
                  timeout_s: float) -> dict[int, Message]:

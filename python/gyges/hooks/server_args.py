@@ -50,6 +50,10 @@ def from_cli_args(result: Any, _cls: type, args: argparse.Namespace) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     setattr(result, ATTR, config)
+    if enabled and not result.disable_overlap_schedule:
+        # Live merge/split moves the work of a settled step; the overlap scheduler always
+        # has one step in flight (on CPU it overlaps nothing anyway).
+        result.disable_overlap_schedule = True
 
 
 def gyges_config(server_args: Any) -> GygesConfig | None:

@@ -104,3 +104,24 @@ def all_true(group: PoolGroup, flag: bool, timeout_s: float = 30.0) -> bool:
     opts.timeout = timedelta(seconds=timeout_s)
     group.cpu_group.allreduce([t], opts).wait()
     return bool(t.item())
+
+
+def all_gather_bytes(group: PoolGroup, data: bytes, timeout_s: float = 60.0) -> list[bytes]:
+    """Every member's ``data``, in group order (a gloo all-gather of padded byte buffers)."""
+    from datetime import timedelta
+
+    from torch._C._distributed_c10d import AllgatherOptions
+
+    pg, n = group.cpu_group, len(group.ranks)
+    opts = AllgatherOptions()
+    opts.timeout = timedelta(seconds=timeout_s)
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    sizes = [torch.empty(1, dtype=torch.int64) for _ in range(n)]
+    pg.allgather([sizes], [size], opts).wait()
+    width = max(int(s.item()) for s in sizes)
+    buf = torch.zeros(max(width, 1), dtype=torch.uint8)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    out = [torch.empty_like(buf) for _ in range(n)]
+    pg.allgather([out], [buf], opts).wait()
+    return [bytes(o[: int(s.item())].numpy().tobytes()) for o, s in zip(out, sizes, strict=True)]

@@ -35,8 +35,10 @@ def _layers(model: Any) -> list[Any]:
     return list(layers)
 
 
-def check_reshardable(model: Any, k: int, num_shards: int) -> None:
-    """Raise before anything changes if ``model`` cannot be resharded to degree ``k``."""
+def check_reshardable(model: Any, k: int, num_shards: int, *,
+                      already: bool = False) -> None:
+    """Raise before anything changes if ``model`` cannot be resharded to degree ``k``
+    (``already``: it is resharded now and will be restored to TP1 first)."""
     for layer in _layers(model):
         a, m = layer.self_attn, layer.mlp
         for name in ("qkv_proj", "o_proj"):
@@ -51,7 +53,7 @@ def check_reshardable(model: Any, k: int, num_shards: int) -> None:
         inter = m.gate_up_proj.weight.shape[0] // 2
         if PADDED_MLP not in m.__dict__ and inter % num_shards:
             raise ValueError(f"MLP intermediate {inter} not divisible into {num_shards} shards")
-        if SAVED in vars(a.qkv_proj):
+        if SAVED in vars(a.qkv_proj) and not already:
             raise RuntimeError("gyges: model is already resharded")
 
 
@@ -93,8 +95,8 @@ def reshard_model(model: Any, k: int, r: int, group: Any, num_shards: int) -> in
         o.reduce_results = True  # the TP1-built attention boundary owes no sum
         padded = m.__dict__.get(PADDED_MLP)
         if padded is not None:
-            # Padded shards: bind the owned ones (s % k == r). All stay resident for now;
-            # releasing the others (and restoring them on split) is the live-merge work.
+            # Padded shards: bind the owned ones (s % k == r); the member then releases the
+            # others (gyges.comm.weight_transfer) and restores them on split.
             padded.set_degree(k, r)
             new_bytes += sum(t.numel() * t.element_size() for t in (qkv.weight, o.weight))
             continue
@@ -118,11 +120,21 @@ def restore_tp1(model: Any) -> None:
     for layer in _layers(model):
         a, m = layer.self_attn, layer.mlp
         padded = m.__dict__.get(PADDED_MLP)
-        if padded is not None:
-            padded.set_degree(1, 0)
+        if padded is not None and not padded.weights.missing_shards(1, 0):
+            padded.set_degree(1, 0)  # else the caller binds it once shards are back
         for mod in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj, a, a.attn):
             saved = vars(mod).pop(SAVED, None)
             if saved is None:
                 continue
             for name, value in saved.items():
                 setattr(mod, name, value)
+
+
+def padded_weights(model: Any) -> list[Any]:
+    """The padded MLP shard stores of every layer (empty if the MLPs are dense)."""
+    out = []
+    for layer in _layers(model):
+        padded = layer.mlp.__dict__.get(PADDED_MLP)
+        if padded is not None:
+            out.append(padded.weights)
+    return out

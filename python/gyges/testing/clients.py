@@ -1,6 +1,9 @@
 """HTTP client helpers for tests, demos and benchmarks: greedy outputs of a fixed prompt set."""
 from __future__ import annotations
 
+import json
+import time
+
 import requests
 
 PROMPTS = (
@@ -50,3 +53,37 @@ def greedy_outputs(url: str) -> dict:
         "text": [generate_text(url, p) for p in PROMPTS],
         "chat": [chat(url, p) for p in PROMPTS[:2]],
     }
+
+
+def stream_generate(url: str, input_ids: list[int], max_new_tokens: int,
+                    rid: str | None = None, chunks: list[dict] | None = None) -> list[dict]:
+    """Every chunk of a greedy streaming ``/generate`` (the last one is the full output),
+    appended to ``chunks`` (if given) as they arrive."""
+    body: dict = {"input_ids": input_ids, "stream": True,
+                  "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
+                                      "ignore_eos": True}}
+    if rid is not None:
+        body["rid"] = rid
+    chunks = [] if chunks is None else chunks
+    with requests.post(url + "/generate", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            chunks.append(json.loads(data))
+    return chunks
+
+
+def wait_until_streaming(url: str, count: int, timeout_s: float = 60.0) -> None:
+    """Wait until the host's instances report ``count`` running requests in all."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = requests.get(url + "/gyges/status", timeout=30).json()
+        if sum(i["running"] for i in st["instances"]) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} requests running after {timeout_s}s")
+        time.sleep(0.1)

@@ -1,0 +1,107 @@
+"""Where in-flight requests' KV slots go when an aligned group merges or splits; pure math.
+
+Slot spaces. A replica segment is one rank's slot range ``[0, S)`` (S = slots per replica,
+a multiple of the page size P). An instance of degree k addresses ``k*S`` merged slots,
+segment i of the instance holding merged slots ``[i*S, (i+1)*S)``. Merged page 0 is the
+instance's padding page (never allocated); the first page of its other segments is an
+ordinary page while merged. ::
+
+    merge (two halves of degree k -> 2k):   new = j*k*S + old          (j = half 0 or 1)
+    split (2k -> two halves of degree k):   new = old - h*k*S          (h = the request's half)
+
+A merge only renumbers. A split first assigns each request to a half and copies the pages it
+uses outside that half's usable pages into free pages of the half (shared prefix pages are
+copied once per half), so every request then lies in one half.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from gyges.core.transfer_plan import SlotRange, coalesce_ranges
+
+
+def merge_offset(half: int, k_old: int, slots_per_replica: int) -> int:
+    """Offset added to a half's merged slots when it joins a degree ``2*k_old`` instance."""
+    if half not in (0, 1):
+        raise ValueError(f"half must be 0 or 1, got {half}")
+    return half * k_old * slots_per_replica
+
+
+def used_ranges_by_segment(slots: Iterable[int], slots_per_replica: int,
+                           num_segments: int) -> dict[int, tuple[SlotRange, ...]]:
+    """Group merged slot ids into coalesced in-segment ranges per replica segment."""
+    out: dict[int, list[SlotRange]] = {}
+    for slot in slots:
+        seg, s = divmod(int(slot), slots_per_replica)
+        if not 0 <= seg < num_segments:
+            raise ValueError(f"slot {slot} outside {num_segments} segments of "
+                             f"{slots_per_replica}")
+        out.setdefault(seg, []).append((s, s + 1))
+    return {seg: coalesce_ranges(r) for seg, r in sorted(out.items())}
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Result of :func:`plan_split` (pages are merged page ids of the degree-k instance).
+
+    ``halves[q]``: the half request q goes to. ``copies``: (src_page, dst_page) pairs to copy
+    before the split, no dst is any request's page and no dst repeats. ``rows[q]``: request
+    q's slots after the copies, all inside its half's usable pages."""
+
+    halves: tuple[int, ...]
+    copies: tuple[tuple[int, int], ...]
+    rows: tuple[tuple[int, ...], ...]
+
+
+class SplitRefused(ValueError):
+    """No assignment fits: the group must stay merged."""
+
+
+def half_pages(half: int, k: int, pages_per_replica: int) -> range:
+    """Usable merged pages of ``half`` once split (its first page pads the new instance)."""
+    width = (k // 2) * pages_per_replica
+    return range(half * width + 1, (half + 1) * width)
+
+
+def plan_split(rows: Sequence[Sequence[int]], *, k: int, slots_per_replica: int,
+               page_size: int) -> SplitPlan:
+    """Assign each request (its merged slots ``rows[q]``) to one half of a degree-``k``
+    instance and plan the page copies that make every request lie in its half.
+
+    A request goes to the half holding more of its pages (ties: the half with fewer
+    assigned pages so far), or to the other half if the first has no room for its copies;
+    raises :class:`SplitRefused` when neither has. Deterministic: every member computes
+    the same plan from the same rows."""
+    if k < 2 or k % 2:
+        raise ValueError(f"cannot split degree {k}")
+    if slots_per_replica % page_size:
+        raise ValueError(f"page size {page_size} does not divide {slots_per_replica} slots")
+    ppr = slots_per_replica // page_size
+    usable = [set(half_pages(h, k, ppr)) for h in (0, 1)]
+    pages_of = [sorted({int(s) // page_size for s in row}) for row in rows]
+    occupied = set().union(*pages_of) if pages_of else set()
+    free = [sorted(usable[h] - occupied, reverse=True) for h in (0, 1)]
+    mapping: list[dict[int, int]] = [{}, {}]
+    load = [0, 0]
+    halves: list[int] = []
+    for q, pages in enumerate(pages_of):
+        inside = [sum(p in usable[h] for p in pages) for h in (0, 1)]
+        first = 0 if (inside[0], -load[0]) >= (inside[1], -load[1]) else 1
+        for h in (first, 1 - first):
+            need = [p for p in pages if p not in usable[h] and p not in mapping[h]]
+            if len(need) <= len(free[h]):
+                for p in need:
+                    mapping[h][p] = free[h].pop()
+                halves.append(h)
+                load[h] += len(pages)
+                break
+        else:
+            raise SplitRefused(f"request {q} ({len(rows[q])} slots) fits neither half of "
+                               f"the degree-{k} instance; the group stays merged")
+    copies = tuple(sorted((src, dst) for m in mapping for src, dst in m.items()))
+    new_rows = tuple(
+        tuple(mapping[h].get(int(s) // page_size, int(s) // page_size) * page_size
+              + int(s) % page_size for s in row)
+        for row, h in zip(rows, halves, strict=True))
+    return SplitPlan(tuple(halves), copies, new_rows)

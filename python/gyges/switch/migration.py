@@ -1,0 +1,234 @@
+"""Move a scheduler's in-flight requests across a merge or split, without recomputation.
+
+Between two steps (the command hook runs after ``ingest_requests``) a scheduler's work is:
+``running_batch`` (decode-ready requests holding KV in ``req_to_token`` rows), possibly the
+extend batch of the last step not yet folded into it (:func:`settle` folds it, as the next
+``get_next_batch_to_run`` would), and ``waiting_queue`` (requests without KV).
+
+:func:`export_work` snapshots that work with every request's KV slots renumbered into the
+new instance's slot space; the members exchange snapshots and :func:`install_work` rebuilds,
+identically on every member, the scheduler state of the new instance:
+
+- ``req_to_token`` rows re-allocated in request order, slots written;
+- the prefix cache reset and rebuilt from the running requests' protected prefixes
+  (SGLang's own ``checkpoint``): requests that shared a prefix inside one replica share it
+  again; the same prefix coming from two replicas is kept once and the other copy's slots
+  become free. Unlocked cached prefixes are dropped (a cache miss later, never a wrong hit);
+- the allocator's free pages = every page no request row uses;
+- the running batch rebuilt decode-ready by SGLang's ``_build_hisparse_decode_batch``
+  (seq lens from the requests, last tokens stashed in the relay buffer by row);
+- the waiting queue concatenated in member order.
+
+Requests that cannot move (constrained decoding, penalties, multimodal or session state,
+chunked prefill in flight, speculative decoding, overlap scheduling) make
+:func:`not_movable` answer why; the transformation then waits or refuses.
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gyges.switch.capacity import set_free_pages
+
+
+@dataclass
+class Work:
+    """A scheduler's requests: running ones with their KV slots (new slot space)."""
+
+    running: list[Any] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)
+    waiting: list[Any] = field(default_factory=list)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return torch.cat(self.rows) if self.rows else torch.empty(0, dtype=torch.int64)
+
+
+def not_movable(s: Any) -> str | None:
+    """Why this scheduler's work cannot be moved right now (None: it can)."""
+    if getattr(s, "enable_overlap", False):
+        return "the overlap scheduler is on (Gyges runs with --disable-overlap-schedule)"
+    if not s.spec_algorithm.is_none():
+        return "speculative decoding is not supported by live merge/split"
+    if s.chunked_req is not None:
+        return "a chunked prefill is in progress"
+    lb = s.last_batch
+    reqs = list(s.running_batch.reqs) + list(s.waiting_queue)
+    if lb is not None and lb.forward_mode.is_extend():
+        reqs += list(lb.reqs)
+    for req in reqs:
+        why = _req_not_movable(req)
+        if why:
+            return f"request {req.rid}: {why}"
+    return None
+
+
+def _req_not_movable(req: Any) -> str | None:
+    sp = req.sampling_params
+    if getattr(req, "grammar", None) is not None:
+        return "constrained decoding"
+    if (getattr(sp, "frequency_penalty", 0.0) or getattr(sp, "presence_penalty", 0.0)
+            or getattr(sp, "repetition_penalty", 1.0) != 1.0
+            or getattr(sp, "min_new_tokens", 0) > len(req.output_ids)):
+        return "penalties (their per-request state is not moved)"
+    if getattr(req, "multimodal_inputs", None) is not None:
+        return "multimodal inputs"
+    if getattr(req, "session_id", None) is not None:
+        return "a streaming session"
+    if getattr(req, "custom_logit_processor", None):
+        return "a custom logit processor"
+    return None
+
+
+def settle(s: Any) -> None:
+    """Fold the last extend batch into the running batch and drop finished requests."""
+    lb = s.last_batch
+    if lb is not None and lb.forward_mode.is_extend() and lb is not s.running_batch:
+        lb.filter_batch()
+        if not lb.is_empty():
+            if s.running_batch.is_empty():
+                s.running_batch = lb
+            else:
+                s.running_batch.merge_batch(lb)
+    s.running_batch.filter_batch()
+    s.last_batch = None
+
+
+def export_work(s: Any, slot_offset: int = 0) -> Work:
+    """This scheduler's settled work; KV slots shifted by ``slot_offset``."""
+    req_to_token = s.req_to_token_pool.req_to_token
+    work = Work(waiting=list(s.waiting_queue))
+    for req in s.running_batch.reqs:
+        n = int(req.kv.kv_allocated_len)
+        row = req_to_token[req.kv.req_pool_idx, :n].to("cpu", torch.int64) + slot_offset
+        work.running.append(req)
+        work.rows.append(row)
+    return work
+
+
+def to_bytes(work: Work) -> bytes:
+    """Pickle ``work`` for peers (tree links stripped from shallow copies)."""
+    return pickle.dumps(Work([_detached(r) for r in work.running], work.rows,
+                             [_detached(r) for r in work.waiting]))
+
+
+def from_bytes(data: bytes) -> Work:
+    work = pickle.loads(data)
+    for req in (*work.running, *work.waiting):
+        req.time_stats = _unpack_time_stats(req.time_stats)
+    return work
+
+
+def _detached(req: Any) -> Any:
+    c = copy.copy(req)
+    c.last_node, c.lock = None, None
+    c.time_stats = _pack_time_stats(req.time_stats)
+    return c
+
+
+# SGLang pickles a request's time stats for the detokenizer (most fields dropped, no
+# tracing context); a migrated request keeps its timestamps, minus what cannot cross.
+def _pack_time_stats(ts: Any) -> tuple[type, dict[str, Any]] | None:
+    if ts is None:
+        return None
+    kept = {}
+    for name, value in vars(ts).items():
+        if name == "trace_ctx":
+            continue
+        try:
+            pickle.dumps(value)
+        except Exception:
+            continue
+        kept[name] = value
+    return type(ts), kept
+
+
+def _unpack_time_stats(packed: tuple[type, dict[str, Any]] | None) -> Any:
+    if packed is None:
+        return None
+    from sglang.srt.observability.trace import TraceNullContext
+
+    cls, fields = packed
+    ts = object.__new__(cls)
+    ts.__dict__.update(fields)
+    ts.trace_ctx = TraceNullContext()
+    return ts
+
+
+def install_work(s: Any, works: Sequence[Work]) -> dict[str, int]:
+    """Make ``works`` (in member order; slots in this instance's space) the scheduler's
+    whole state. Collective-free and deterministic: every member runs it alike."""
+    running = [r for w in works for r in w.running]
+    rows = [row for w in works for row in w.rows]
+    waiting = [r for w in works for r in w.waiting]
+    pool = s.req_to_token_pool
+    pool.clear()
+    idx = pool.alloc_rows(len(running))
+    if idx is None:
+        raise RuntimeError(f"{len(running)} running requests exceed the "
+                           f"{pool.size} req_to_token rows")
+    idx = sorted(idx)
+    for req, row, i in zip(running, rows, idx, strict=True):
+        req.kv.req_pool_idx = i
+        pool.req_to_token[i, : row.numel()] = row.to(pool.req_to_token.dtype)
+    shared = _rebuild_prefix_cache(s, running)
+    used = [pool.req_to_token[r.kv.req_pool_idx, : int(r.kv.kv_allocated_len)]
+            for r in running]
+    set_free_pages(s, torch.cat(used) if used else torch.empty(0, dtype=torch.int64))
+    for req in waiting:
+        req.last_node, req.lock, req.prefix_len = None, None, 0
+    s.waiting_queue = waiting
+    s.running_batch = _decode_batch(s, running)
+    s.last_batch = None
+    return {"running": len(running), "waiting": len(waiting), "prefix_tokens_shared": shared}
+
+
+def _rebuild_prefix_cache(s: Any, running: list[Any]) -> int:
+    """Reset the tree and re-insert each running request's protected prefix."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    tree = s.tree_cache
+    tree.reset()
+    root = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q"), None))).last_device_node
+    alloc = s.token_to_kv_pool_allocator
+    names = [n for n in ("free", "free_segment", "free_page_ids") if hasattr(alloc, n)]
+    for n in names:  # duplicates are released by set_free_pages, not by the tree
+        setattr(alloc, n, _no_free)
+    shared = 0
+    try:
+        for req in running:
+            protected = int(req.kv.cache_protected_len)
+            req.kv.cache_protected_len = req.kv.cache_inserted_len = 0
+            req.lock, req.last_node = None, root
+            if protected and not getattr(tree, "disable", False):
+                row = s.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :protected].clone()
+                tree.checkpoint(req, up_to=protected)
+                after = s.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :protected]
+                shared += int((after != row).sum())
+    finally:
+        for n in names:
+            vars(alloc).pop(n, None)
+    return shared
+
+
+def _no_free(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+def _decode_batch(s: Any, reqs: list[Any]) -> Any:
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    if not reqs:
+        return ScheduleBatch(reqs=[], batch_is_full=False)
+    batch = s._build_hisparse_decode_batch(reqs)
+    if batch.return_logprob:
+        batch.token_ids_logprobs = [r.logprob.token_ids_logprob for r in reqs]
+    batch.multimodal_inputs = [None] * len(reqs)
+    return batch
