@@ -34,11 +34,15 @@ class RankInfo:
 
 @dataclass(frozen=True)
 class RankLoad:
-    """One rank's load as SGLang's scheduler last published it."""
+    """One rank's load as SGLang's scheduler last published it. ``total_tokens`` adds the
+    prompts of waiting requests to ``used_tokens``; ``timestamp`` is the publish time
+    (``time.time()``) so that requests dispatched after it can be accounted separately."""
 
     running: int = 0
     waiting: int = 0
     used_tokens: int = 0
+    total_tokens: int = 0
+    timestamp: float = 0.0
 
 
 LoadReader = Callable[[], Mapping[int, RankLoad]]
@@ -62,6 +66,10 @@ class HostController:
         self._ranks: dict[int, RankInfo] = {}
         self._pool_build_ms: dict[int, float] = {}
         self._bus_lock = threading.Lock()  # the bus is used by the control and job threads
+        # The transformation-aware dispatch (gyges.control.scheduler), attached by the DP
+        # controller hook; /gyges/status shows its state.
+        self.scheduler: Any = None
+        self.scheduler_off_reason = "not started"
         self.transformer = None if commands is None or routing is None else Transformer(
             num_ranks=config.dp_size, max_tp=config.max_tp, bus=commands,
             bus_lock=self._bus_lock, routing=routing, get_topology=lambda: self.topology,
@@ -96,6 +104,22 @@ class HostController:
         if self.transformer is None:
             raise ControlError("merge/split are not available on this server", 503)
         return self.transformer.poll(msg)
+
+    def start_transformation(self, op: str, ranks: tuple[int, ...]) -> int:
+        """Start a merge/split job as the admin API does; return its id (ControlError)."""
+        return int(self._on_transform({"op": op, "ranks": list(ranks)})["job"])
+
+    def poll_transformation(self, job: int) -> Message | None:
+        """The job's result once done, None while it runs; raises its ControlError."""
+        reply = self._on_job({"op": "job", "job": job})
+        return reply["result"] if reply["done"] else None
+
+    def rank_capacity(self) -> int | None:
+        """One TP1 replica's KV slots (the smallest), once every rank has registered."""
+        with self._lock:
+            if len(self._ranks) < self.config.dp_size:
+                return None
+            return min(r.capacity_tokens for r in self._ranks.values())
 
     def _on_hello(self, msg: Message) -> Message:
         try:
@@ -167,16 +191,21 @@ class HostController:
             pool_ms = dict(self._pool_build_ms)
         instances = [self.describe(inst, loads) for inst in topo.instances]
         running = self.transformer.running if self.transformer is not None else None
+        scheduler = self.scheduler.status() if self.scheduler is not None else None
         return {
             "kv_layout": _common(r.kv_layout for r in ranks.values()),
             "mlp_storage": _common(r.mlp_storage for r in ranks.values()),
             "dp_size": self.config.dp_size,
             "max_tp": self.config.max_tp,
             "policy": self.config.policy,
-            "max_request_tokens": max((i["capacity_tokens"] for i in instances), default=0),
+            "max_request_tokens": (scheduler["max_request_tokens"] if scheduler is not None
+                                   else max((i["capacity_tokens"] for i in instances),
+                                            default=0)),
             "instances": instances,
             "transformation": None if running is None else {"op": running.kind,
                                                              "ranks": list(running.ranks)},
+            "scheduler": scheduler if scheduler is not None else {
+                "policy": None, "reason": self.scheduler_off_reason},
             "comm_pool": {"ready_ranks": sorted(pool_ms),
                           "build_ms": {str(r): ms for r, ms in sorted(pool_ms.items())}},
             "processes": {

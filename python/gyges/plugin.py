@@ -16,6 +16,7 @@ from gyges.hooks import (
     models,
     scheduler,
     server_args,
+    tokenizer_manager,
     torch_native_backend,
 )
 
@@ -36,6 +37,8 @@ def load() -> None:
         HookType.AFTER)
     for name, hook in data_parallel_controller.AROUND_HOOKS.items():
         reg(f"{data_parallel_controller.TARGET}.{name}", hook, HookType.AROUND)
+    reg(f"{tokenizer_manager.TARGET}._validate_one_request",
+        tokenizer_manager.after_validate_one_request, HookType.AFTER)
     reg(f"{kv_cache_configurator.TARGET}._resolve_kv_pool_class",
         kv_cache_configurator.around_resolve_kv_pool_class, HookType.AROUND)
     reg(f"{model_runner.TARGET}.maybe_apply_post_load_model_transforms",

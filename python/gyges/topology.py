@@ -87,3 +87,22 @@ class Topology:
                  new: tuple[Instance, ...]) -> Topology:
         kept = [i for i in self.instances if i not in old]
         return Topology(tuple(sorted(kept + list(new), key=lambda i: i.leader)))
+
+
+def next_merge_step(topology: Topology, group: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The next pairwise merge that brings the aligned ``group`` closer to one instance, or
+    None if it already is one. Merges nest (two TP1 -> TP2, two TP2 -> TP4), so four TP1
+    ranks become one TP4 instance in three steps: (0, 1), (2, 3), (0, 1, 2, 3).
+
+    Raises :class:`ValueError` if a rank of ``group`` is in an instance larger than it."""
+    inst = topology.instance_of(group[0])
+    if inst.ranks == group or len(group) == 1:
+        return None
+    if any(topology.instance_of(r).tp > len(group) for r in group):
+        raise ValueError(f"ranks {list(group)} overlap an instance larger than the group")
+    half = len(group) // 2
+    for sub in (group[:half], group[half:]):
+        step = next_merge_step(topology, sub)
+        if step is not None:
+            return step
+    return group

@@ -118,3 +118,31 @@ def test_decisions_are_always_valid(used, need, policy, counter):
         assert isinstance(d, Merge) and len(d.ranks) == k and d.ranks[0] % k == 0
         if policy == "gyges":
             assert h.group_load(d.ranks) == min(h.group_load(g) for g in aligned_groups(4, k))
+
+
+def test_llf_sends_short_requests_into_a_reserved_group():
+    # Ranks 0, 1 are reserved for a pending merge and idle: LLF fills them (delaying the
+    # merge, which must drain them first); gyges keeps them free.
+    h = host([0, 0, 300, 400], reserved={0, 1})
+    assert decide(h, 10, "llf") == Dispatch(0)
+    assert decide(h, 10, "gyges") == Dispatch(2)
+
+
+def test_round_robin_ignores_load_and_room():
+    h = host([990, 0, 0, 0])  # rank 0 has 10 free slots
+    assert decide(h, 200, "round_robin", counter=0) == Dispatch(0)  # queues behind 990
+    assert decide(h, 200, "gyges") in (Dispatch(1), Dispatch(2), Dispatch(3))
+
+
+def test_short_request_too_big_for_every_tp1_goes_to_a_merged_instance_with_room():
+    h = host([0, 0, 900, 950], merged=[(0, 1)])
+    assert decide(h, 500, "gyges") == Dispatch(0)  # TP1s have 100 and 50 free
+    assert decide(h, 500, "llf") == Dispatch(2)  # LLF only looks at TP1 instances
+
+
+def test_long_request_queues_only_on_instances_that_can_hold_it():
+    # The only TP2 instance is busy and its members report less KV than 2 x CAP.
+    h = HostView((InstanceView((0, 1), 1500, 1400),), CAP, 2)
+    assert isinstance(decide(h, 1800), Wait)
+    h = HostView((InstanceView((0, 1), 2000, 1900),), CAP, 2)
+    assert decide(h, 1800) == Dispatch(0)

@@ -151,7 +151,8 @@ def _place_long(host: HostView, need: int, degree: int, policy: str, counter: in
               and all(host.instance_of(r).tp <= degree for r in g)
               and host.instance_of(g[0]).tp < degree]
     if not groups:
-        big = [i for i in host.instances if i.tp >= degree and not (set(i.ranks) & host.reserved)]
+        big = [i for i in host.instances if i.tp >= degree and i.capacity_tokens >= need
+               and not (set(i.ranks) & host.reserved)]
         if big:  # large enough but busy: queue on the least used one
             return Dispatch(min(big, key=lambda i: (i.used_tokens, i.leader)).leader)
         return Wait(f"no aligned group of {degree} ranks is free to merge")

@@ -5,24 +5,35 @@ the control channel, binds the command socket to the schedulers and hosts the TC
 master of the communicator pool (on a free loopback port, told to schedulers in the
 hello reply).
 
+Requests are placed by the :class:`TransformationScheduler` (``--gyges-policy``): each
+generate/embedding request's need (prompt + max_new_tokens) decides its instance, and
+the scheduler merges and splits groups on its own thread. The chosen leader is applied
+as SGLang's ``routed_dp_rank``, so SGLang's own dispatch path sends it. Health checks
+and requests a client pinned to a DP rank bypass the policy.
+
 Dispatch goes through a :class:`DispatchGate` (AROUND hooks on ``dispatching_with_trace``
 and ``send_control_message``): requests for ranks under transformation are routed to other
 instances or held, and followers of merged instances receive nothing (SGLang's ``status``
 flags + ``_refresh_active_workers``). The gate's lock serialises the control thread's
-changes, and its sends of held work, with the main thread's dispatch.
+changes, and its sends of held work, with the main thread's dispatch; the scheduler uses
+the same lock.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from gyges.comm.pool import start_store
-from gyges.control.channel import ControlServer, control_address
+from gyges.control.channel import ControlServer, Message, control_address
 from gyges.control.commands import CommandBus, command_address
 from gyges.control.dispatch_gate import NEVER_HELD, DispatchGate
+from gyges.control.metrics import PrometheusMetrics
+from gyges.control.scheduler import TransformationScheduler
+from gyges.core.request_limits import request_need
 from gyges.hooks.server_args import gyges_config
 from gyges.host_controller import HostController, RankLoad
+from gyges.topology import Topology
 
 TARGET = "sglang.srt.managers.data_parallel_controller.DataParallelController"
 logger = logging.getLogger(__name__)
@@ -86,8 +97,57 @@ def after_init_dispatcher(_result: None, controller: Any) -> None:
     controller._gyges_host = host
     controller._gyges_control = server
     controller._gyges_pool_store = store  # keep the store master alive
+    controller._gyges_scheduler = None
+    if routing.unsupported:
+        host.scheduler_off_reason = routing.unsupported
+        logger.warning("Gyges: dispatch policy off: %s", routing.unsupported)
+    else:
+        metrics = PrometheusMetrics() if controller.server_args.enable_metrics else None
+        scheduler = TransformationScheduler(
+            config, DpSchedulerHost(controller, host, gate), gate.lock,
+            page_size=int(controller.server_args.page_size or 1), metrics=metrics)
+        host.scheduler = controller._gyges_scheduler = scheduler
+        scheduler.start()
     logger.info("Gyges host controller serving at %s (max TP %d, policy %s, pool store "
                 "port %d)", server.address, config.max_tp, config.policy, store.port)
+
+
+class DpSchedulerHost:
+    """The :class:`SchedulerHost` of SGLang's DP controller process."""
+
+    def __init__(self, controller: Any, host: HostController, gate: DispatchGate) -> None:
+        self.controller, self.host, self.gate = controller, host, gate
+
+    def topology(self) -> Topology:
+        return self.host.topology
+
+    def loads(self) -> Mapping[int, RankLoad]:
+        return _read_loads(self.controller)
+
+    def rank_capacity(self) -> int | None:
+        return self.host.rank_capacity()
+
+    def paused(self) -> frozenset[int]:
+        return self.gate.paused
+
+    def start(self, op: str, ranks: tuple[int, ...]) -> int:
+        return self.host.start_transformation(op, ranks)
+
+    def poll(self, job: int) -> Message | None:
+        return self.host.poll_transformation(job)
+
+    def hold(self, fn: Callable[[], None]) -> bool:
+        with self.gate.lock:
+            if not self.gate.must_hold_request(None):
+                return False
+            self.gate.hold(fn, ())
+            return True
+
+    def abort(self, leader: int, rid: str) -> None:
+        from sglang.srt.managers.io_struct import AbortReq, sock_send
+
+        with self.gate.lock:
+            sock_send(self.controller.workers[self.gate.route_to(leader)], AbortReq(rid=rid))
 
 
 def around_dispatching_with_trace(original: Callable[..., Any], controller: Any, req: Any,
@@ -97,6 +157,12 @@ def around_dispatching_with_trace(original: Callable[..., Any], controller: Any,
         return original(controller, req, *args, **kwargs)
     with gate.lock:
         pinned = getattr(req, "routed_dp_rank", None)
+        scheduler: TransformationScheduler | None = controller._gyges_scheduler
+        if (pinned is None and scheduler is not None and scheduler.ready
+                and not _is_health_check(req)):
+            scheduler.submit(str(req.rid), need_of(req), lambda leader: _send(
+                controller, original, req, args, kwargs, leader))
+            return None
         if pinned is not None:
             req.routed_dp_rank = gate.route_to(pinned)
         if gate.must_hold_request(req.routed_dp_rank if pinned is not None else None):
@@ -117,11 +183,48 @@ def around_send_control_message(original: Callable[..., Any], controller: Any,
             for r in gate.control_targets():
                 if controller.workers[r] is not None:
                     sock_send(controller.workers[r], obj)
+            scheduler: TransformationScheduler | None = controller._gyges_scheduler
+            if scheduler is not None and type(obj).__name__ == "AbortReq":
+                scheduler.abort(str(obj.rid), bool(obj.abort_all))
             return None
         if gate.must_hold_control():
             gate.hold(original, (controller, obj))
             return None
         return original(controller, obj)
+
+
+def _send(controller: Any, original: Callable[..., Any], req: Any, args: tuple[Any, ...],
+          kwargs: dict[str, Any], leader: int) -> None:
+    """Send ``req`` to the instance led by ``leader`` through SGLang's dispatch; if that
+    instance is under transformation, hold it in the gate and re-route it when released
+    (the leader may have become a follower meanwhile)."""
+    gate: DispatchGate = controller._gyges_gate
+    with gate.lock:
+        target = gate.route_to(leader)
+        if gate.must_hold_request(target):
+            gate.hold(_send, (controller, original, req, args, kwargs, leader))
+            return
+        req.routed_dp_rank = target
+        original(controller, req, *args, **kwargs)
+
+
+def need_of(req: Any) -> int:
+    """KV slots a TokenizedGenerateReqInput/TokenizedEmbeddingReqInput holds at its end:
+    ``len(input_ids)`` + ``sampling_params.max_new_tokens`` (SamplingParams defaults it to
+    128; None, as OpenAI requests without max_tokens send, counts as 128 too)."""
+    ids = getattr(req, "input_ids", None)
+    if ids is None:
+        ids = getattr(req, "input_embeds", None) or ()
+    if "Embedding" in type(req).__name__:
+        return request_need(len(ids), 0)
+    params = getattr(req, "sampling_params", None)
+    return request_need(len(ids), getattr(params, "max_new_tokens", None))
+
+
+def _is_health_check(req: Any) -> bool:
+    from sglang.srt.managers.utils import is_health_check_generate_req
+
+    return is_health_check_generate_req(req)
 
 
 AROUND_HOOKS = {"dispatching_with_trace": around_dispatching_with_trace,
@@ -135,5 +238,7 @@ def _read_loads(controller: Any) -> dict[int, RankLoad]:
             continue
         loads[snap.dp_rank] = RankLoad(running=snap.num_running_reqs,
                                        waiting=snap.num_waiting_reqs,
-                                       used_tokens=snap.num_used_tokens)
+                                       used_tokens=snap.num_used_tokens,
+                                       total_tokens=snap.num_total_tokens,
+                                       timestamp=snap.timestamp)
     return loads

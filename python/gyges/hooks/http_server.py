@@ -14,6 +14,7 @@ from fastapi import Request  # module level: FastAPI resolves the route's annota
 
 from gyges.control.channel import async_request, control_address
 from gyges.hooks.server_args import gyges_config
+from gyges.hooks.tokenizer_manager import install_limits
 
 TARGET = "sglang.srt.entrypoints.http_server._setup_and_run_http_server"
 TRANSFORM_TIMEOUT_S = 300.0
@@ -22,11 +23,16 @@ TRANSFORM_TIMEOUT_S = 300.0
 def before_setup_and_run_http_server(server_args: Any, tokenizer_manager: Any,
                                      template_manager: Any, port_args: Any,
                                      *args: Any, **kwargs: Any) -> None:
-    if gyges_config(server_args) is None:
+    config = gyges_config(server_args)
+    if config is None:
         return
     from sglang.srt.entrypoints import http_server
 
     install_routes(http_server.app, control_address(port_args.tokenizer_ipc_name))
+    scheduler_infos = args[0] if args else kwargs.get("scheduler_infos")
+    if tokenizer_manager is not None and scheduler_infos:
+        install_limits(tokenizer_manager, config, scheduler_infos[0],
+                       int(server_args.page_size or 1))
 
 
 def install_routes(app: Any, address: str) -> None:

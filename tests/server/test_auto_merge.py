@@ -1,0 +1,113 @@
+"""Automatic transformations on a dp 2 server whose replicas hold 1024 KV slots each
+(tiny Llama, float32 CPU, split hold-down 2 s):
+
+- a request too long for one replica merges the group by itself (live: short requests
+  keep running), is served with stock SGLang's output (one replica configured with 8192
+  slots), and the group splits back after the hold-down;
+- a long request held for its merge can be aborted.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from gyges.testing.clients import generate_ids
+from gyges.testing.server import SGLangServer, tiny_model
+from gyges.testing.tiny_model import LLAMA_GQA
+
+HOLD_DOWN_S = 2.0
+LONG = [[(7 * i + 13 * j) % 300 + 5 for j in range(n)] for i, n in enumerate((1500, 1900))]
+SHORT = [[5, 9, 11, 40], [(3 * j) % 200 + 7 for j in range(30)]]
+NEW_TOKENS = 16
+
+
+def status(url: str) -> dict:
+    return requests.get(url + "/gyges/status", timeout=30).json()
+
+
+def layout(url: str) -> list[list[int]]:
+    return [i["ranks"] for i in status(url)["instances"]]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Stock SGLang, one replica large enough for every prompt here."""
+    with SGLangServer(tiny_model(LLAMA_GQA), dp_size=1, max_total_tokens=8192) as srv:
+        return {"long": [generate_ids(srv.url, x, NEW_TOKENS) for x in LONG],
+                "short": [generate_ids(srv.url, x, NEW_TOKENS) for x in SHORT]}
+
+
+@pytest.fixture(scope="module")
+def srv(reference):
+    with SGLangServer(tiny_model(LLAMA_GQA), dp_size=2, gyges=True, max_total_tokens=1024,
+                      extra_args=["--gyges-split-hold-down", str(HOLD_DOWN_S)]) as s:
+        yield s
+
+
+def wait_for_split(url: str) -> None:
+    deadline = time.monotonic() + HOLD_DOWN_S + 60
+    while layout(url) != [[0], [1]]:
+        assert time.monotonic() < deadline, status(url)["scheduler"]
+        time.sleep(0.5)
+
+
+def post_generate(url: str, body: dict) -> dict:
+    return requests.post(url + "/generate", json=body, timeout=300).json()
+
+
+def test_abort_of_a_request_held_for_a_merge(srv):
+    """A long request waits while its group cannot merge (a running request with penalties,
+    whose state does not move); aborting it answers the client once the merge is done,
+    without serving it."""
+    with ThreadPoolExecutor(2) as pool:
+        blocker = pool.submit(post_generate, srv.url, {
+            "input_ids": [7, 8, 9], "sampling_params": {
+                "max_new_tokens": 300, "ignore_eos": True, "frequency_penalty": 0.1}})
+        time.sleep(1.0)
+        # 900 prompt + 300 new > one replica's 1016 usable slots: it needs TP2.
+        held = pool.submit(post_generate, srv.url, {
+            "rid": "gyges-held-long", "input_ids": [11] * 900,
+            "sampling_params": {"max_new_tokens": 300, "ignore_eos": True}})
+        deadline = time.monotonic() + 30
+        while not status(srv.url)["scheduler"]["pending"]:
+            assert time.monotonic() < deadline and not held.done()
+            time.sleep(0.1)
+        st = status(srv.url)["scheduler"]
+        assert st["reserved"][0]["ranks"] == [0, 1] and st["reserved"][0]["for"] == \
+            "gyges-held-long"
+        r = requests.post(srv.url + "/abort_request", json={"rid": "gyges-held-long"},
+                          timeout=30)
+        assert r.status_code == 200
+        out = held.result(timeout=120)
+        assert out["meta_info"]["finish_reason"]["type"] == "abort", out
+        assert out["meta_info"]["completion_tokens"] == 0
+        assert blocker.result(timeout=120)["meta_info"]["completion_tokens"] == 300
+    st = status(srv.url)["scheduler"]
+    assert st["pending"] == [] and st["reserved"] == []
+    assert any(d["decision"] == "aborted" for d in st["decisions"])
+    wait_for_split(srv.url)
+
+
+def test_long_request_merges_by_itself_matches_stock_and_splits_back(srv, reference):
+    wait_for_split(srv.url)
+    with ThreadPoolExecutor(3) as pool:  # short requests sent while the merge is pending
+        long_out = pool.submit(generate_ids, srv.url, LONG[0], NEW_TOKENS)
+        time.sleep(0.3)
+        short_out = [pool.submit(generate_ids, srv.url, x, NEW_TOKENS) for x in SHORT]
+        assert long_out.result() == reference["long"][0]
+        assert [f.result() for f in short_out] == reference["short"]
+    assert generate_ids(srv.url, LONG[1], NEW_TOKENS) == reference["long"][1]
+    st = status(srv.url)
+    kinds = [d["decision"] for d in st["scheduler"]["decisions"]]
+    assert "merge" in kinds and st["scheduler"]["counters"]["auto_merges"]["done"] >= 1
+    long_dispatches = [d for d in st["scheduler"]["decisions"]
+                       if d["decision"] == "dispatch" and d["degree"] == 2]
+    assert len(long_dispatches) == 2 and all(d["tp"] == 2 for d in long_dispatches)
+    wait_for_split(srv.url)
+    st = status(srv.url)["scheduler"]
+    assert st["counters"]["auto_splits"]["done"] >= 1 and st["auto_merged"] == []
+    assert [generate_ids(srv.url, x, NEW_TOKENS) for x in SHORT] == reference["short"]
+
