@@ -13,7 +13,10 @@ def test_replay_mooncake_trace(llama_gyges, tmp_path):
     trace = tmp_path / "trace.jsonl"
     lines = [{"timestamp": 100 * i, "input_length": 20 + 37 * i, "output_length": 4 + i % 5}
              for i in range(10)]
-    lines.append({"timestamp": 500, "input_length": 5000, "output_length": 4})  # too long
+    # Longer than one replica (4096 slots): served by an automatic merge.
+    lines.append({"timestamp": 450, "input_length": 5000, "output_length": 4})
+    # Longer than the largest instance (TP2: 2 x 4088 usable slots): refused at once.
+    lines.append({"timestamp": 500, "input_length": 9000, "output_length": 4})
     trace.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, str(REPLAY), "--url", llama_gyges.url,
@@ -22,8 +25,8 @@ def test_replay_mooncake_trace(llama_gyges, tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]  # one request failed
     result = json.loads(out.read_text())
     s = result["summary"]
-    assert (s["requests"], s["completed"], s["failed"]) == (11, 10, 1)
-    assert any("exceeds" in e for e in s["errors"]), s["errors"]
+    assert (s["requests"], s["completed"], s["failed"]) == (12, 11, 1)
+    assert any("too large" in e for e in s["errors"]), s["errors"]
     done = [r for r in result["records"] if r["error"] is None]
     assert all(r["output_tokens"] == r["output_len"] for r in done)
     assert all(0 < r["ttft_s"] <= r["e2e_s"] for r in done)
