@@ -136,20 +136,12 @@ def _topology(url: str) -> list[list[int]]:
 def test_hierarchical_merge_and_split_with_requests_in_flight(dp4, baseline):
     """TP1 x4 -> TP2 x2 -> TP4 -> TP2 x2 -> TP1 x4 while eight streams run: every output
     equals the untransformed one, nothing is retracted, the status shows each topology."""
-    from gyges.testing.clients import stream_generate
+    from gyges.testing.clients import start_streams, stream_generate
 
     prompts = [[(11 * i + 7 * j) % 500 + 3 for j in range(n)]
                for i, n in enumerate((5, 17, 30, 8, 12, 41, 3, 22))]
     ref = [stream_generate(dp4.url, p, 90)[-1]["output_ids"] for p in prompts]
-    got: dict[int, list[dict]] = {i: [] for i in range(len(prompts))}
-    threads = [threading.Thread(target=stream_generate, args=(dp4.url, p, 90),
-                                kwargs={"chunks": got[i]}) for i, p in enumerate(prompts)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 120
-    while min(len(c) for c in got.values()) < 2:
-        assert time.monotonic() < deadline, "the streams did not start"
-        time.sleep(0.05)
+    threads, got = start_streams(dp4.url, prompts, 90)
     steps = [("merge", [0, 1], [[0, 1], [2], [3]]), ("merge", [2, 3], [[0, 1], [2, 3]]),
              ("merge", [0, 1, 2, 3], [[0, 1, 2, 3]]), ("split", [0, 1, 2, 3], [[0, 1], [2, 3]]),
              ("split", [0, 1], [[0], [1], [2, 3]]), ("split", [2, 3], [[0], [1], [2], [3]])]

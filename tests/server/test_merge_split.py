@@ -12,6 +12,7 @@ import requests
 from gyges.testing.clients import (
     chat,
     greedy_outputs,
+    start_streams,
     stream_generate,
     wait_until_streaming,
 )
@@ -124,15 +125,7 @@ def test_streams_in_flight_survive_merge_and_split(srv, baseline):
     prompts = [[(7 * i + 13 * j) % 300 + 5 for j in range(n)] for i, n in
                enumerate((9, 24, 40, 5))]
     ref = [stream_generate(srv.url, p, 60)[-1] for p in prompts]
-    got: dict[int, list[dict]] = {i: [] for i in range(len(prompts))}
-    threads = [threading.Thread(target=stream_generate, args=(srv.url, p, 60),
-                                kwargs={"chunks": got[i]}) for i, p in enumerate(prompts)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while min(len(c) for c in got.values()) < 3:
-        assert time.monotonic() < deadline, "the streams did not start"
-        time.sleep(0.05)
+    threads, got = start_streams(srv.url, prompts, 60, min_chunks=3)
     out = merge(srv.url)
     assert out["requests_moved"]["running"] >= 2 and out["kv_bytes_moved"] > 0, out
     time.sleep(0.3)

@@ -254,3 +254,40 @@ def test_take_consumes_own_copy_and_refuses_unrelayed_commands():
     finally:
         client.close()
         bus.close()
+
+
+def test_finished_jobs_are_observed_with_status_and_result():
+    seen = []
+    tr, _, _ = make(FakeBus())
+    tr.observe = lambda op, status, s, result: seen.append((op, status, result is not None))
+    finish(tr, tr.start({"op": "merge", "ranks": [0, 1]})["job"])
+    tr2, _, _ = make(FakeBus(fail="boom"))
+    tr2.observe = tr.observe
+    with pytest.raises(ControlError):
+        tr2.poll({"job": tr2.start({"op": "merge", "ranks": [0, 1]})["job"], "wait_s": 5})
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == [("merge", 200, True), ("merge", 500, False)]
+
+
+def test_transform_metrics_count_bytes_and_durations(tmp_path, monkeypatch):
+    import prometheus_client
+
+    from gyges.control.transform_metrics import TransformMetrics
+
+    registry = prometheus_client.CollectorRegistry()
+    monkeypatch.setattr(prometheus_client.metrics, "REGISTRY", registry, raising=False)
+    for name in ("Counter", "Histogram"):
+        cls = getattr(prometheus_client, name)
+        monkeypatch.setattr(prometheus_client, name,
+                            lambda *a, _cls=cls, **k: _cls(*a, registry=registry, **k))
+    m = TransformMetrics()
+    m.observe("merge", 200, 0.12, {"kv_bytes_moved": 1000, "weight_bytes_released": 64})
+    m.observe("split", 409, 0.5, None)
+    get = registry.get_sample_value
+    assert get("gyges:transformations_total", {"op": "merge", "outcome": "ok"}) == 1
+    assert get("gyges:transformations_total", {"op": "split", "outcome": "refused"}) == 1
+    assert get("gyges:kv_bytes_moved_total", {"op": "merge"}) == 1000
+    assert get("gyges:weight_bytes_released_total") == 64
+    assert get("gyges:transformation_duration_seconds_count", {"op": "merge"}) == 1

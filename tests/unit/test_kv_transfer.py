@@ -37,7 +37,7 @@ class Case(NamedTuple):
 CASES = (
     Case("merge 1->2", 2, 1, 2),
     Case("split 2->1", 2, 2, 1),
-    Case("local and cross moves", 2, 0, 0),
+    Case("local and cross moves", 2, 0, 0, per_round=1),
     Case("merge 1->4", 4, 1, 4),
     Case("merge 2->4", 4, 2, 4, per_round=2),
     Case("split 4->2", 4, 4, 2),
@@ -225,6 +225,7 @@ def test_execute_plan_refuses_mismatches(solo_pg) -> None:
     with pytest.raises(ValueError, match="buffers_per_round"):
         execute_plan(plan, (5,), 5, solo_pg, [buf], buffers_per_round=-1)
     assert workspace_bytes(plan, 5, [buf, buf]) == 2 * 2 * 2 * 4  # 2 slots, 2 buffers
-    assert workspace_bytes(plan, 5, [buf, buf], buffers_per_round=1) == 2 * 2 * 4
+    # two rounds: the second is packed while the first is on the wire
+    assert workspace_bytes(plan, 5, [buf, buf], buffers_per_round=1) == 2 * 2 * 2 * 4
     with pytest.raises(ValueError, match=">= 16 bytes"):
         execute_plan(plan, (5,), 5, solo_pg, [buf], workspace=torch.empty(15, dtype=torch.uint8))

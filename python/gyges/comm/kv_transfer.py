@@ -11,7 +11,8 @@ contiguous stretch of a send buffer, in `by_pair` order::
       \\ buffer 0 rows | buffer 1 rows | ...           each: [rows, D * elem_size] bytes
           rows = the slot ranges of the moves (r -> p), move by move, range by range
 
-then one `alltoall_base` exchanges all stretches and each rank unpacks what it received.
+then one `alltoall_base` exchanges all stretches and each rank unpacks what it received
+(optionally in rounds of a few buffers, pipelined: see `execute_plan`).
 Moves inside one rank (`src_rank == dst_rank`) are staged the same way. All sources of a
 round are read (packed or staged) before any destination is written, so the result equals
 `transfer_plan.apply_plan` on all ranks' buffers, swaps and cycles included.
@@ -94,11 +95,14 @@ def execute_plan(
 
     `group_ranks[i]` is the host rank of `pg`'s rank i; `rank` is this process's host rank
     (plans use host ranks). Every member passes the same plan and the same number of
-    buffers in the same order. `buffers_per_round` (e.g. 2: one layer's K and V) bounds
-    the staging memory to that many buffers' moves per exchange; default: one exchange.
+    buffers in the same order.
+
+    `buffers_per_round` (e.g. 2: one layer's K and V): exchange that many buffers at a
+    time, pipelined: round i+1 is packed and sent while round i's all-to-all is in flight,
+    then round i is unpacked (rounds touch disjoint buffers). Default: one exchange.
     `workspace`: a flat uint8 tensor on the buffers' device of at least `workspace_bytes`
     to stage in, allocated once and reused (fresh staging memory is page-faulted in on
-    every call: on the 2-core test VM that was ~40 ms per 32 MiB); default: allocate.
+    every call: on the 2-core test VM ~40 ms per 32 MiB); default: allocate per call.
     """
     t0 = time.perf_counter()
     group = tuple(int(r) for r in group_ranks)
@@ -107,17 +111,23 @@ def execute_plan(
     if buffers_per_round is not None and buffers_per_round < 1:
         raise ValueError(f"buffers_per_round must be >= 1, got {buffers_per_round}")
     need = workspace_bytes(plan, rank, buffers, buffers_per_round=buffers_per_round)
-    if workspace is not None and (workspace.dtype != torch.uint8 or workspace.dim() != 1
-                                  or workspace.numel() < need):
-        raise ValueError(f"workspace must be a flat uint8 tensor of >= {need} bytes, got "
-                         f"{workspace.dtype} {tuple(workspace.shape)}")
+    _check_workspace(workspace, need)
     routes = _routes(plan, group, rank, slots, buffers[0].device)
     step = buffers_per_round or len(buffers)
-    sent = received = local = 0
-    for first in range(0, len(buffers), step):
-        s, r, n = _round(routes, pg, buffers[first : first + step], workspace)
-        sent, received, local = sent + s, received + r, local + n
-    return TransferStats(sent, received, local, (time.perf_counter() - t0) * 1000)
+    half = need // 2 if len(buffers) > step else need  # two rounds in flight: two halves
+    totals = [0, 0, 0]
+    pending: _Round | None = None
+    for i, first in enumerate(range(0, len(buffers), step)):
+        space = None if workspace is None else workspace[(i % 2) * half : (i % 2 + 1) * half]
+        started = _start(routes, pg, buffers[first : first + step], space)
+        if pending is not None:  # round i-1 lands while round i is on the wire
+            _finish(routes, pending)
+        pending = started
+        moved = (started.send, started.recv, started.staged)
+        totals = [t + x.numel() * x.element_size() for t, x in zip(totals, moved, strict=True)]
+    assert pending is not None
+    _finish(routes, pending)
+    return TransferStats(*totals, (time.perf_counter() - t0) * 1000)
 
 
 def workspace_bytes(plan: TransferPlan, rank: int, buffers: Sequence[torch.Tensor], *,
@@ -127,8 +137,9 @@ def workspace_bytes(plan: TransferPlan, rank: int, buffers: Sequence[torch.Tenso
     slots = sum(m.num_slots for m in plan.moves if rank in (m.src_rank, m.dst_rank))
     step = buffers_per_round or max(len(buffers), 1)
     rounds = [buffers[i : i + step] for i in range(0, len(buffers), step)]
-    return max((slots * sum(b.shape[2] * b.element_size() for b in r) for r in rounds),
-               default=0)
+    one = max((slots * sum(b.shape[2] * b.element_size() for b in r) for r in rounds),
+              default=0)
+    return one if len(rounds) < 2 else 2 * one  # two rounds in flight
 
 
 class _Routes(NamedTuple):
@@ -159,28 +170,43 @@ def _routes(plan: TransferPlan, group: tuple[int, ...], rank: int, slots: int,
     )
 
 
-def _round(routes: _Routes, pg: dist.ProcessGroup, bufs: Sequence[torch.Tensor],
-           workspace: torch.Tensor | None) -> tuple[int, int, int]:
-    """One exchange of `bufs`: pack and stage (all reads), all-to-all, then all writes.
-    Returns (bytes sent, bytes received, bytes local)."""
+class _Round(NamedTuple):
+    """An exchange in flight: its buffers' word rows, the all-to-all and the staging."""
+
+    rows: list[torch.Tensor]
+    work: dist.Work | None
+    send: torch.Tensor
+    recv: torch.Tensor
+    staged: torch.Tensor
+
+
+def _start(routes: _Routes, pg: dist.ProcessGroup, bufs: Sequence[torch.Tensor],
+           workspace: torch.Tensor | None) -> _Round:
+    """Pack and stage every read of `bufs`, then start their all-to-all."""
     word = _word_dtype(bufs)
     rows = [_rows(buf, word) for buf in bufs]
     width = sum(r.shape[1] for r in rows)  # words of one slot across this round's buffers
     out_splits = [i.numel() * width for i in routes.send]
     in_splits = [i.numel() * width for i in routes.recv]
-    sizes = (sum(out_splits), routes.local_src.numel() * width, sum(in_splits))
+    sizes = (sum(out_splits), sum(in_splits), routes.local_src.numel() * width)
     if workspace is None:
-        send, staged, recv = (torch.empty(n, dtype=word, device=bufs[0].device) for n in sizes)
+        send, recv, staged = (torch.empty(n, dtype=word, device=bufs[0].device) for n in sizes)
     else:
-        send, staged, recv = workspace[: sum(sizes) * word.itemsize].view(word).split(sizes)
+        send, recv, staged = workspace[: sum(sizes) * word.itemsize].view(word).split(sizes)
     _gather(send, routes.send, rows)
     _gather(staged, [routes.local_src], rows)
+    work = None
     if routes.exchanges:
-        pg.alltoall_base(recv, send, in_splits, out_splits, dist.AllToAllOptions()).wait()
-    _scatter(staged, [routes.local_dst], rows)
-    _scatter(recv, routes.recv, rows)
-    size = word.itemsize
-    return send.numel() * size, recv.numel() * size, staged.numel() * size
+        work = pg.alltoall_base(recv, send, in_splits, out_splits, dist.AllToAllOptions())
+    return _Round(rows, work, send, recv, staged)
+
+
+def _finish(routes: _Routes, started: _Round) -> None:
+    """Wait for a round's all-to-all, then write its local and received rows."""
+    if started.work is not None:
+        started.work.wait()
+    _scatter(started.staged, [routes.local_dst], started.rows)
+    _scatter(started.recv, routes.recv, started.rows)
 
 
 def _gather(flat: torch.Tensor, indices: Sequence[torch.Tensor],
@@ -252,6 +278,13 @@ def _check_group(plan: TransferPlan, group: tuple[int, ...], rank: int,
     if pg.size() != len(group) or pg.rank() != me:
         raise ValueError(f"process group (rank {pg.rank()} of {pg.size()}) does not match "
                          f"rank {rank} of group {list(group)}")
+
+
+def _check_workspace(workspace: torch.Tensor | None, need: int) -> None:
+    if workspace is not None and (workspace.dtype != torch.uint8 or workspace.dim() != 1
+                                  or workspace.numel() < need):
+        raise ValueError(f"workspace must be a flat uint8 tensor of >= {need} bytes, got "
+                         f"{workspace.dtype} {tuple(workspace.shape)}")
 
 
 def _check_buffers(buffers: Sequence[torch.Tensor], plan: TransferPlan) -> int:

@@ -63,12 +63,15 @@ class Transformer:
                  routing: Routing, get_topology: Callable[[], Topology],
                  set_topology: Callable[[Topology], None],
                  describe: Callable[[Instance], Message],
-                 idle_timeout_s: float = 60.0) -> None:
+                 idle_timeout_s: float = 60.0,
+                 observe: Callable[[str, int, float, Message | None], None] | None = None
+                 ) -> None:
         self.num_ranks, self.max_tp = num_ranks, max_tp
         self.bus, self.bus_lock, self.routing = bus, bus_lock, routing
         self.get_topology, self.set_topology, self.describe = (get_topology, set_topology,
                                                                describe)
         self.idle_timeout_s = idle_timeout_s
+        self.observe = observe  # (op, HTTP status, seconds, result or None) per finished job
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._jobs: dict[int, Job] = {}
@@ -114,6 +117,7 @@ class Transformer:
     # -- the job --------------------------------------------------------------------------
 
     def _run(self, job: Job, target: Topology) -> None:
+        t0 = time.perf_counter()
         try:
             job.result = self._transform(job, target)
         except ControlError as e:
@@ -124,6 +128,9 @@ class Transformer:
             with self._lock:
                 self.running = None
             job.done.set()
+        if self.observe is not None:
+            status = 200 if job.error is None else job.error.status
+            self.observe(job.kind, status, time.perf_counter() - t0, job.result)
 
     def _transform(self, job: Job, target: Topology) -> Message:
         t0 = time.perf_counter()

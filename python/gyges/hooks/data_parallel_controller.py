@@ -88,6 +88,10 @@ def after_init_dispatcher(_result: None, controller: Any) -> None:
     routing = DpRouting(controller, gate)
     host = HostController(config, lambda: _read_loads(controller), commands=commands,
                           store_port=store.port, routing=routing)
+    if controller.server_args.enable_metrics and host.transformer is not None:
+        from gyges.control.transform_metrics import TransformMetrics
+
+        host.transformer.observe = TransformMetrics().observe
     server = ControlServer(control_address(ipc_name), host.handlers())
     server.start()
     controller._gyges_host = host

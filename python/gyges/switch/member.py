@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from gyges.comm.kv_transfer import execute_plan
+from gyges.comm.kv_transfer import execute_plan, workspace_bytes
 from gyges.comm.pool import CommunicatorPool, PoolGroup
 from gyges.comm.weight_transfer import release_shards, restore_shards
 from gyges.control.channel import Message
@@ -74,6 +74,7 @@ class GroupMember:
         self.group: PoolGroup | None = None
         self.coordinator: PooledGroupCoordinator | None = None
         self.boot: scheduler_state.Tp1State | None = None
+        self._workspace: torch.Tensor | None = None  # KV transfer staging, reused
         commands.handlers.update(idle=self.on_idle, merge=self.on_merge, split=self.on_split)
 
     # -- per event-loop iteration ---------------------------------------------------------
@@ -161,7 +162,7 @@ class GroupMember:
         used = used_ranges_by_segment(torch.cat([w.slots for w in works]), slots, k)
         plan = plan_transformation(ranks, k_old, k, pool.gyges_k_layout.num_kv_heads, used,
                                    slots_per_replica=slots)
-        moved = execute_plan(plan, ranks, self.rank, group.device_group, _storages(pool))
+        moved = self._move_kv(plan, ranks, group, pool)
         ph.mark("kv_transfer_ms")
         if self.boot is None:
             self.boot = scheduler_state.Tp1State.capture(s)
@@ -229,7 +230,7 @@ class GroupMember:
         used = used_ranges_by_segment(torch.cat(new_rows) if new_rows else [], slots, k)
         plan = plan_transformation(ranks, k, k_new, pool.gyges_k_layout.num_kv_heads, used,
                                    slots_per_replica=slots)
-        moved = execute_plan(plan, ranks, self.rank, group.device_group, _storages(pool))
+        moved = self._move_kv(plan, ranks, group, pool)
         ph.mark("kv_transfer_ms")
         offset = half * k_new * slots
         work = migration.Work([running[i] for i in mine],
@@ -269,6 +270,17 @@ class GroupMember:
                 "weight_bytes_restored": restored.bytes_received if restored else 0,
                 **moved_reqs}
 
+    def _move_kv(self, plan: Any, ranks: tuple[int, ...], group: PoolGroup,
+                 pool: Any) -> Any:
+        """Run the KV plan one layer (K and V) per round, pipelined, staging in a workspace
+        kept across transformations (fresh staging memory is page-faulted in each time)."""
+        bufs = _storages_by_layer(pool)
+        need = workspace_bytes(plan, self.rank, bufs, buffers_per_round=2)
+        if self._workspace is None or self._workspace.numel() < need:
+            self._workspace = torch.empty(need, dtype=torch.uint8)
+        return execute_plan(plan, ranks, self.rank, group.device_group, bufs,
+                            buffers_per_round=2, workspace=self._workspace)
+
     def _sync_counters(self, group: PoolGroup, seed: int) -> None:
         """Same RNG and step counters on every member (leader's values)."""
         from sglang.srt.utils import set_random_seed
@@ -279,9 +291,10 @@ class GroupMember:
         set_random_seed(seed)
 
 
-def _storages(pool: Any) -> list[torch.Tensor]:
-    """Every ``[H, S, D]`` storage of the head-major pool (K then V of each layer)."""
-    return [*pool.gyges_k_storage, *pool.gyges_v_storage]
+def _storages_by_layer(pool: Any) -> list[torch.Tensor]:
+    """Every ``[H, S, D]`` storage of the head-major pool: K and V of layer 0, then 1, ..."""
+    return [b for pair in zip(pool.gyges_k_storage, pool.gyges_v_storage, strict=True)
+            for b in pair]
 
 
 def _copy_pages(pool: Any, copies: tuple[tuple[int, int], ...], page: int) -> None:

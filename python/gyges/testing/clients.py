@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import requests
@@ -87,3 +88,21 @@ def wait_until_streaming(url: str, count: int, timeout_s: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"fewer than {count} requests running after {timeout_s}s")
         time.sleep(0.1)
+
+
+def start_streams(url: str, prompts: list[list[int]], max_new_tokens: int,
+                  min_chunks: int = 2, timeout_s: float = 120.0
+                  ) -> tuple[list[threading.Thread], dict[int, list[dict]]]:
+    """Start one streaming request per prompt in its own thread; return once each has
+    streamed ``min_chunks`` chunks. Chunks accumulate in the returned dict by prompt index."""
+    got: dict[int, list[dict]] = {i: [] for i in range(len(prompts))}
+    threads = [threading.Thread(target=stream_generate, args=(url, p, max_new_tokens),
+                                kwargs={"chunks": got[i]}) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    while min(len(c) for c in got.values()) < min_chunks:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"streams did not start within {timeout_s}s")
+        time.sleep(0.05)
+    return threads, got
