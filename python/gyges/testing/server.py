@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,7 +31,33 @@ CACHE_DIR = Path(os.environ.get("GYGES_CACHE_DIR", Path(__file__).resolve().pare
                                 / ".gyges-cache"))
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A free TCP port outside the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` is ephemeral, so during a server's slow
+    startup gloo's own listeners and outgoing connections may take it before uvicorn binds
+    it ("address already in use"). Ports below the ephemeral range are only ever taken by
+    an explicit bind.
+    """
+    low, _ = _ephemeral_range()
+    top = max(low - 1, 20001)
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randint(20000, top)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -70,15 +97,15 @@ class SGLangServer:
                  extra_args: Sequence[str] = (), startup_timeout_s: float = 600.0,
                  port: int | None = None) -> None:
         self.model = str(model)
+        self._port_fixed = port is not None
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.gyges = gyges
-        self.args = [
+        self._base_args = [
             sys.executable, "-m", "sglang.launch_server", "--model-path", self.model,
             "--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
             "--mem-fraction-static", "0.05", "--max-total-tokens", str(max_total_tokens),
             "--dp-size", str(dp_size), "--tp-size", str(tp_size),
-            "--host", "127.0.0.1", "--port", str(self.port), "--skip-server-warmup",
+            "--host", "127.0.0.1", "--skip-server-warmup",
             *(["--enable-gyges"] if gyges else []), *extra_args,
         ]
         self.env = cpu_env(dp_size * tp_size)
@@ -88,7 +115,28 @@ class SGLangServer:
         self.log_path = Path(tempfile.mkstemp(prefix="sglang-server-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> SGLangServer:
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def args(self) -> list[str]:
+        return [*self._base_args, "--port", str(self.port)]
+
+    def start(self, bind_retries: int = 3) -> SGLangServer:
+        """Start and wait for /health; a lost race for the port is retried on a new one."""
+        for attempt in range(bind_retries + 1):
+            try:
+                return self._start_once()
+            except RuntimeError:
+                lost_port = "address already in use" in self.log_path.read_text(errors="replace")
+                if self._port_fixed or attempt == bind_retries or not lost_port:
+                    raise
+                self.stop()
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> SGLangServer:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
