@@ -100,7 +100,8 @@ def scheduler_counters(url: str) -> dict | None:
 def run_config(cfg: Config, model: Path, trace: list[TraceRequest], a) -> dict:
     srv = server_for(cfg, model, a.max_total_tokens, a.split_hold_down)
     run = {"config": cfg.name, "description": cfg.description, "command": command_line(srv),
-           "start_error": None}
+           "start_error": None, "invocation": a.invocation, "date": now(),
+           "load_before": round(os.getloadavg()[0], 2)}
     print(f"[compare] {cfg.name}: starting ({run['command']})", flush=True)
     t = time.monotonic()
     try:
@@ -124,7 +125,7 @@ def run_config(cfg: Config, model: Path, trace: list[TraceRequest], a) -> dict:
     recs = res["records"]
     run |= {"duration_s": res["duration_s"], "topology": res["topology"],
             "records": [asdict(r) | {"tpot_s": r.tpot_s} for r in recs],
-            "server_log": str(srv.log_path)}
+            "server_log": str(srv.log_path), "load_after": round(os.getloadavg()[0], 2)}
     failed = sum(r.error is not None for r in recs)
     print(f"[compare] {cfg.name}: {len(recs) - failed}/{len(recs)} completed in "
           f"{res['duration_s']:.1f} s", flush=True)
@@ -152,6 +153,10 @@ def build_trace(a) -> tuple[list[TraceRequest], str]:
 def usable(replica_tokens: int, page_size: int = 1) -> int:
     """One replica's usable KV slots as Gyges counts them (docs/scheduling.md)."""
     return replica_tokens - max(2 * page_size, 8)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def machine() -> str:
@@ -227,6 +232,8 @@ def run_all(configs: list[Config], a: argparse.Namespace, saved: dict) -> list[d
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    a.invocation = shlex.join(["python", "benchmark/compare.py",
+                               *(sys.argv[1:] if argv is None else argv)])
     a.out.mkdir(parents=True, exist_ok=True)
     configs = selected(a)
     meta_path = a.out / "compare-meta.json"
@@ -235,10 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [json.loads((a.out / f"{c.name}.json").read_text()) for c in configs
                 if (a.out / f"{c.name}.json").exists()]
     else:
-        saved = {"command": shlex.join(["python", "benchmark/compare.py",
-                                        *(sys.argv[1:] if argv is None else argv)]),
-                 "trace": build_trace(a)[1], "machine": machine(), "note": a.note,
-                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        saved = {"trace": build_trace(a)[1], "machine": machine(), "note": a.note,
+                 "date": now()}
         meta_path.write_text(json.dumps(saved, indent=1))
         runs = run_all(configs, a, saved)
         meta_path.write_text(json.dumps(saved, indent=1))

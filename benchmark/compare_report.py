@@ -146,6 +146,19 @@ def render_ratios(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _invocations(runs: list[dict], meta: dict) -> list[str]:
+    found = [r["invocation"] for r in runs if r.get("invocation")]
+    return list(dict.fromkeys(found)) or [meta.get("command", "?")]
+
+
+def _load(run: dict) -> str:
+    if run.get("load_before") is None:
+        return ""
+    after = run.get("load_after")
+    return f"1-min load average {run['load_before']}" + ("" if after is None else
+                                                        f" -> {after}")
+
+
 def render_markdown(runs: list[dict], meta: dict) -> str:
     """The whole compare.md: header (machine, date, trace, SLOs), table, ratios, commands."""
     sums = [summarize_run(r, meta["slo_ttft_s"], meta["slo_tpot_s"], meta.get("replica_usable"))
@@ -155,14 +168,15 @@ def render_markdown(runs: list[dict], meta: dict) -> str:
            f"- trace: {meta['trace']}",
            f"- SLOs: TTFT <= {meta['slo_ttft_s'] * 1000:.0f} ms, "
            f"TPOT <= {meta['slo_tpot_s'] * 1000:.0f} ms",
-           f"- command: `{meta['command']}`", ""]
+           "- command(s): " + ", ".join(f"`{c}`" for c in _invocations(runs, meta)), ""]
     if meta.get("note"):
         out += [meta["note"], ""]
     out += [render_table(sums), "", render_ratios(sums), "", HOW_TO_READ, "",
             "## Configurations and the exact server commands", ""]
     for r in runs:
-        out += [f"- **{r['config']}**: {r.get('description', '')}", "",
-                f"  `{r['command']}`", ""]
+        when = ", ".join(x for x in (r.get("date"), _load(r)) if x)
+        out += [f"- **{r['config']}**: {r.get('description', '')}"
+                + (f" ({when})" if when else ""), "", f"  `{r['command']}`", ""]
     if meta.get("plots"):
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in meta["plots"]] + [""]
     if meta.get("client_note"):

@@ -80,11 +80,14 @@ def test_ratios_and_table():
 
 
 def test_markdown_has_machine_commands_and_ratio(tmp_path):
-    md = render_markdown(RUNS, {"date": "2026-11-21", "machine": "2 CPUs, Linux",
+    runs = [RUNS[0] | {"invocation": "python benchmark/compare.py --configs dp",
+                       "date": "D", "load_before": 1.5, "load_after": 2.0}, *RUNS[1:]]
+    md = render_markdown(runs, {"date": "2026-11-21", "machine": "2 CPUs, Linux",
                                 "trace": "synthetic", "slo_ttft_s": 2.0, "slo_tpot_s": 0.2,
-                                "command": "python benchmark/compare.py", "plots": ["a.png"],
-                                "replica_usable": 1016, "note": "SMOKE RUN"})
-    for text in ("2 CPUs, Linux", "`python benchmark/compare.py`", "`python -m x tp`",
+                                "plots": ["a.png"], "replica_usable": 1016,
+                                "note": "SMOKE RUN"})
+    for text in ("2 CPUs, Linux", "`python benchmark/compare.py --configs dp`",
+                 "(D, 1-min load average 1.5 -> 2.0)", "`python -m x tp`",
                  "gyges-gyges: goodput ratio 1.00x vs dp", "How to read this", "SMOKE RUN",
                  "![a.png](a.png)"):
         assert text in md, text
