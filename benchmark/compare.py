@@ -116,7 +116,8 @@ def run_config(cfg: Config, model: Path, trace: list[TraceRequest], a) -> dict:
         srv.stop()
         raise
     try:
-        print(f"[compare] {cfg.name}: up after {time.monotonic() - t:.0f} s; replaying "
+        run["startup_s"] = round(time.monotonic() - t, 1)
+        print(f"[compare] {cfg.name}: up after {run['startup_s']:.0f} s; replaying "
               f"{len(trace)} requests", flush=True)
         res = asyncio.run(replay(srv.url, trace, seed=a.seed, timeout_s=a.request_timeout))
         run["counters"] = scheduler_counters(srv.url) if cfg.policy else None
@@ -210,12 +211,17 @@ def write_report(runs: list[dict], a: argparse.Namespace, saved: dict) -> Path:
     return path
 
 
-def run_all(configs: list[Config], a: argparse.Namespace, saved: dict) -> list[dict]:
+def model_for(num_ranks: int) -> Path:
+    """The cached tiny Llama: 2 KV heads for N=2, 4 for N=4 (so TP4 splits the heads)."""
     from gyges.testing.server import tiny_model
     from gyges.testing.tiny_model import LLAMA_GQA, TinyModelSpec
 
-    spec = LLAMA_GQA if a.num_ranks == 2 else TinyModelSpec(arch="llama", heads=4, kv_heads=4)
-    model = tiny_model(spec)
+    return tiny_model(LLAMA_GQA if num_ranks == 2 else
+                      TinyModelSpec(arch="llama", heads=4, kv_heads=4))
+
+
+def run_all(configs: list[Config], a: argparse.Namespace, saved: dict) -> list[dict]:
+    model = model_for(a.num_ranks)
     trace, _ = build_trace(a)
     runs = []
     for cfg in configs:

@@ -1,6 +1,7 @@
 """benchmark/compare.py's pure parts: summaries, the markdown report, plots, trace shaping."""
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -128,3 +129,70 @@ def test_command_line_quotes_env():
     assert command_line(Srv()) == ("SGLANG_USE_CPU_ENGINE=1 SGLANG_CPU_OMP_THREADS_BIND='0|1' "
                                    "SGLANG_PLUGINS=__gyges_disabled__ python -m "
                                    "sglang.launch_server --dp-size 2")
+
+
+class FakeServer:
+    """Stands in for SGLangServer: streams ``max_new_tokens`` chunks, refuses prompts over
+    ``limit`` tokens the way SGLang's scheduler does (an abort in the stream)."""
+
+    def __init__(self, limit: int, gyges: bool) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                ok = self.path == "/gyges/status" and gyges
+                body = json.dumps({"instances": [{"tp": 1}, {"tp": 1}], "scheduler": {
+                    "counters": {"auto_merges": {"done": 1, "started": 1}}}}).encode()
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body if ok else b"{}")
+
+            def do_POST(self) -> None:
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(200)
+                self.end_headers()
+                n = req["sampling_params"]["max_new_tokens"]
+                if len(req["input_ids"]) > limit:
+                    chunks = [{"meta_info": {"finish_reason": {
+                        "type": "abort", "message": "Input length exceeds"}}}]
+                else:
+                    chunks = [{"meta_info": {"completion_tokens": k}} for k in range(1, n + 1)]
+                for c in chunks:
+                    self.wfile.write(f"data: {json.dumps(c)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.args, self.env, self.log_path = ["fake", str(limit)], {}, Path("/dev/null")
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self) -> FakeServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_compare_end_to_end_with_fake_servers(tmp_path, monkeypatch):
+    import compare
+
+    monkeypatch.setattr(compare, "server_for", lambda cfg, model, tokens, hold: FakeServer(
+        1016 if cfg.policy is None else 10**6, cfg.policy is not None))
+    monkeypatch.setattr(compare, "model_for", lambda n: Path("/nonexistent"))
+    rc = compare.main(["--configs", "dp,gyges-gyges", "--num-requests", "20",
+                       "--time-scale", "0.02", "--out", str(tmp_path), "--note", "FAKE"])
+    assert rc == 0
+    md = (tmp_path / "compare.md").read_text()
+    dp, gy = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("dp", "gyges-gyges"))
+    assert sum(r["error"] is not None for r in dp["records"]) == 2  # the two long ones
+    assert all(r["error"] is None for r in gy["records"])  # fake "Gyges" holds them
+    assert gy["topology"] and not dp["topology"] and gy["counters"]["auto_merges"]
+    assert "FAKE" in md and "| dp | 20 | 18 | 2 |" in md and "--configs dp,gyges-gyges" in md
+    assert (tmp_path / "throughput.png").exists()
