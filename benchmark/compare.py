@@ -74,13 +74,15 @@ def all_configs(num_ranks: int) -> dict[str, Config]:
     return out
 
 
-def server_for(cfg: Config, model: Path, per_rank_tokens: int, hold_down_s: float):
+def server_for(cfg: Config, model: Path, per_rank_tokens: int, hold_down_s: float,
+               startup_timeout_s: float = 300.0):
     from gyges.testing.server import SGLangServer
 
     extra = [] if cfg.policy is None else ["--gyges-policy", cfg.policy,
                                            "--gyges-split-hold-down", f"{hold_down_s:g}"]
     return SGLangServer(model, dp_size=cfg.dp, tp_size=cfg.tp, gyges=cfg.policy is not None,
-                        max_total_tokens=per_rank_tokens * cfg.tp, extra_args=extra)
+                        max_total_tokens=per_rank_tokens * cfg.tp, extra_args=extra,
+                        startup_timeout_s=startup_timeout_s)
 
 
 def command_line(srv) -> str:
@@ -98,7 +100,7 @@ def scheduler_counters(url: str) -> dict | None:
 
 
 def run_config(cfg: Config, model: Path, trace: list[TraceRequest], a) -> dict:
-    srv = server_for(cfg, model, a.max_total_tokens, a.split_hold_down)
+    srv = server_for(cfg, model, a.max_total_tokens, a.split_hold_down, a.startup_timeout)
     run = {"config": cfg.name, "description": cfg.description, "command": command_line(srv),
            "start_error": None, "invocation": a.invocation, "date": now(),
            "load_before": round(os.getloadavg()[0], 2)}
@@ -180,7 +182,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--split-hold-down", type=float, default=2.0)
-    p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--note", default=None, help="a line printed under the report's header")

@@ -183,7 +183,7 @@ class FakeServer:
 def test_compare_end_to_end_with_fake_servers(tmp_path, monkeypatch):
     import compare
 
-    monkeypatch.setattr(compare, "server_for", lambda cfg, model, tokens, hold: FakeServer(
+    monkeypatch.setattr(compare, "server_for", lambda cfg, model, tokens, hold, t: FakeServer(
         1016 if cfg.policy is None else 10**6, cfg.policy is not None))
     monkeypatch.setattr(compare, "model_for", lambda n: Path("/nonexistent"))
     rc = compare.main(["--configs", "dp,gyges-gyges", "--num-requests", "20",
