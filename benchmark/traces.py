@@ -4,11 +4,15 @@ A trace becomes a list of :class:`TraceRequest` (arrival offset in seconds from 
 request, input and output lengths in tokens). ``scale`` stretches or compresses arrivals
 (``time_scale`` 0.1 = ten times faster) and lengths (``length_scale`` 0.01 = 1/100 of the
 tokens, at least 1) so that a production trace fits a tiny model on a CPU.
+``synthetic_long_tail`` generates a production-scale trace shaped like Azure's conversation
+trace plus a tail of long documents, so benchmarks do not need a trace file.
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
+import random
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -75,6 +79,36 @@ def scale(trace: Iterable[TraceRequest], *, time_scale: float = 1.0,
             i = min(i, max_input_len)
         out.append(TraceRequest(r.arrival_s * time_scale, i,
                                 max(1, round(r.output_len * length_scale))))
+    return out
+
+
+def synthetic_long_tail(n: int = 48, *, seed: int = 0, rate_per_s: float = 5.5,
+                        long_fraction: float = 0.1) -> list[TraceRequest]:
+    """``n`` Poisson arrivals at ``rate_per_s``; inputs log-normal around 700 tokens (at most
+    3000) except a ``long_fraction`` of 4200-7800-token documents; outputs log-normal around
+    120 tokens (8 to 600). Production scale: ``scale(..., length_scale=0.25)`` puts the short
+    ones within a 1024-slot replica and the long ones beyond it."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for k in range(n):
+        if k:
+            t += rng.expovariate(rate_per_s)
+        if rng.random() < long_fraction:
+            i = rng.randint(4200, 7800)
+        else:
+            i = min(3000, max(20, round(rng.lognormvariate(math.log(700), 0.6))))
+        o = min(600, max(8, round(rng.lognormvariate(math.log(120), 0.6))))
+        out.append(TraceRequest(t, i, o))
+    return out
+
+
+def cap_need(trace: Iterable[TraceRequest], max_need: int) -> list[TraceRequest]:
+    """Shorten prompts so that input + output <= ``max_need`` (the largest instance's KV
+    slots); the output length is kept (it is clipped too if it alone exceeds the cap)."""
+    out = []
+    for r in trace:
+        o = min(r.output_len, max_need - 1)
+        out.append(r._replace(input_len=max(1, min(r.input_len, max_need - o)), output_len=o))
     return out
 
 

@@ -29,7 +29,7 @@ constraints="$root/scripts/cpu-constraints.txt"
   "prometheus-client>=0.20.0" setproctitle partial_json_parser interegular einops xxhash \
   zstandard regex pillow psutil distro "python-dateutil<3" triton torchvision \
   apache-tvm-ffi IPython dill sentencepiece compressed-tensors gguf openai jsonschema \
-  xgrammar soundfile datasets sglang-router
+  xgrammar soundfile datasets sglang-router matplotlib
 
 # 3. No CPU build of sgl_kernel exists: install the import-only stand-in.
 "${pip[@]}" --no-deps "$root/cpu_compat/sgl_kernel_stub"
