@@ -119,6 +119,7 @@ def run_config(cfg: Config, model: Path, trace: list[TraceRequest], a) -> dict:
         raise
     try:
         run["startup_s"] = round(time.monotonic() - t, 1)
+        run["command"] = command_line(srv)  # the port changes if startup lost its race
         print(f"[compare] {cfg.name}: up after {run['startup_s']:.0f} s; replaying "
               f"{len(trace)} requests", flush=True)
         res = asyncio.run(replay(srv.url, trace, seed=a.seed, timeout_s=a.request_timeout))
