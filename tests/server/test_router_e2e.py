@@ -118,9 +118,13 @@ def long_tokens(router: RouterProcess) -> int:
     hosts = [w["status"] for w in status["workers"]]
     cap = max(i["capacity_tokens"] // i["tp"] for h in hosts for i in h["instances"])
     limit = min(h["max_request_tokens"] for h in hosts)
-    if limit <= cap + 64:
-        pytest.skip(f"servers take no request above one replica ({cap} tokens) yet")
+    assert limit > cap + 64, f"servers take no request above one replica ({cap} tokens)"
     return (cap + limit) // 2
+
+
+def auto_merges(url: str) -> int:
+    status = requests.get(url + "/gyges/status", timeout=30).json()
+    return status["scheduler"]["counters"]["auto_merges"].get("done", 0)
 
 
 def by_url(status: dict[str, object]) -> dict[str, dict[str, object]]:
@@ -142,6 +146,7 @@ def test_short_requests_match_direct_and_spread(servers, router):
 def test_long_requests_gather_on_one_host_while_other_serves_short(servers, router):
     n = long_tokens(router)
     before = by_url(router.status())
+    merges_before = {u: auto_merges(u) for u in before}
     longs = [long_body(i, n) for i in range(3)]
     shorts = [short_body(100 + i) for i in range(8)]
     with ThreadPoolExecutor(4) as pool:
@@ -149,6 +154,7 @@ def test_long_requests_gather_on_one_host_while_other_serves_short(servers, rout
         long_out = [generate(router.url, b) for b in longs]  # one after another
         short_out = [f.result() for f in short_futs]
     after = by_url(router.status())
+    merged = {u: auto_merges(u) - merges_before[u] for u in after}  # before direct requests
     assert [s for s, _ in long_out + short_out] == [200] * (len(longs) + len(shorts))
     direct = [generate(servers[0].url, b)[1]["text"] for b in longs + shorts]
     assert [r["text"] for _, r in long_out + short_out] == direct
@@ -158,6 +164,7 @@ def test_long_requests_gather_on_one_host_while_other_serves_short(servers, rout
     assert len(long_hosts) == 1 and delta[long_hosts[0]]["routed_long"] == len(longs), delta
     other = next(u for u in delta if u != long_hosts[0])
     assert delta[other]["routed_short"] > 0, delta
+    assert merged[long_hosts[0]] >= 1 and merged[other] == 0, merged
 
 
 def test_openai_client_streams_through_router(servers, router):
