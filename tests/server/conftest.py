@@ -12,6 +12,9 @@ from gyges.testing.tiny_model import LLAMA_GQA
 
 @pytest.fixture(scope="module")
 def llama_gyges():
-    """A `--dp-size 2 --enable-gyges` server on the tiny llama (max 4096 KV tokens/replica)."""
-    with SGLangServer(tiny_model(LLAMA_GQA), dp_size=2, gyges=True) as srv:
+    """A `--dp-size 2 --enable-gyges --enable-metrics` server on the tiny llama (max 4096 KV
+    tokens/replica). Metrics on: requests then hold Prometheus collectors, which a live
+    merge must not try to move."""
+    with SGLangServer(tiny_model(LLAMA_GQA), dp_size=2, gyges=True,
+                      extra_args=["--enable-metrics"]) as srv:
         yield srv

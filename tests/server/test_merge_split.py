@@ -139,6 +139,19 @@ def test_streams_in_flight_survive_merge_and_split(srv, baseline):
         assert final["meta_info"]["num_retractions"] == 0
         assert final["meta_info"]["finish_reason"]["type"] == "length"
     assert greedy_outputs(srv.url) == baseline
+    m = prometheus(srv.url)
+    assert m['gyges:transformations_total{op="merge",outcome="ok"}'] >= 1
+    assert m['gyges:transformations_total{op="split",outcome="ok"}'] >= 1
+    assert m['gyges:kv_bytes_moved_total{op="merge"}'] > 0
+    assert m['gyges:transformation_duration_seconds_count{op="split"}'] >= 1
+    assert m["gyges:weight_bytes_released_total"] > 0
+    assert m["gyges:weight_bytes_restored_total"] > 0
+
+
+def prometheus(url: str) -> dict[str, float]:
+    text = requests.get(url + "/metrics", timeout=30).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith("gyges:")}
 
 
 def test_busy_group_waits_and_second_transformation_gets_409(srv, baseline):

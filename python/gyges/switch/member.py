@@ -155,7 +155,13 @@ class GroupMember:
         slots = capacity.slots_per_replica(pool)
         half = r // k_old
         work = migration.export_work(s, merge_offset(half, k_old, slots))
-        blobs = all_gather_bytes(group, migration.to_bytes(work))
+        try:
+            blob, why = migration.to_bytes(work), ""
+        except Exception as e:  # nothing has changed yet: the group refuses as one
+            logger.exception("gyges: rank %d cannot serialize its requests", self.rank)
+            blob, why = b"", f"rank {self.rank}: a request cannot be moved ({e})"
+        self._agree(group, not why, why or "a peer's requests cannot be moved")
+        blobs = all_gather_bytes(group, blob)
         works = [work if i // k_old == half else migration.from_bytes(blobs[i])
                  for i in range(0, k, k_old)]
         ph.mark("exchange_ms")

@@ -128,8 +128,26 @@ def from_bytes(data: bytes) -> Work:
 def _detached(req: Any) -> Any:
     c = copy.copy(req)
     c.last_node, c.lock = None, None
+    # With --enable-metrics a request holds its scheduler's Prometheus collector (locks);
+    # the installing scheduler attaches its own (_attach_metrics).
+    c.metrics_collector = None
     c.time_stats = _pack_time_stats(req.time_stats)
     return c
+
+
+def _attach_metrics(s: Any, req: Any) -> None:
+    """Give a migrated request this scheduler's collector, as SGLang does for new ones."""
+    reporter = getattr(s, "metrics_reporter", None)
+    collector = getattr(s, "metrics_collector", None)
+    enabled = bool(reporter is not None and getattr(reporter, "enable_metrics", False))
+    req.metrics_collector = collector if enabled else None
+    ts = req.time_stats
+    if ts is None:
+        return
+    if enabled and collector is not None:
+        ts.set_metrics_collector(collector)
+    else:
+        ts.enable_metrics, ts.metrics_collector = False, None
 
 
 # SGLang pickles a request's time stats for the detokenizer (most fields dropped, no
@@ -183,6 +201,8 @@ def install_work(s: Any, works: Sequence[Work]) -> dict[str, int]:
     set_free_pages(s, torch.cat(used) if used else torch.empty(0, dtype=torch.int64))
     for req in waiting:
         req.last_node, req.lock, req.prefix_len = None, None, 0
+    for req in (*running, *waiting):
+        _attach_metrics(s, req)
     s.waiting_queue = waiting
     s.running_batch = _decode_batch(s, running)
     s.last_batch = None
