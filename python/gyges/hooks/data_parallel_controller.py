@@ -227,8 +227,43 @@ def _is_health_check(req: Any) -> bool:
     return is_health_check_generate_req(req)
 
 
+# The longest the controller sleeps in its socket poll: it feeds SGLang's soft watchdog at
+# least this often.
+IDLE_POLL_MS = 100
+
+
+def around_event_loop(original: Callable[..., Any], controller: Any) -> Any:
+    """Under Gyges the controller waits on its socket instead of spinning.
+
+    SGLang's loop polls the tokenizer socket with ``NOBLOCK`` in a tight loop: a whole core,
+    and the GIL, taken from the schedulers and from the Gyges scheduler and transformer
+    threads in this process (on a small host every scheduler loses steps to it). This loop
+    does the same work (feed the watchdog, drain the socket, dispatch each request) but
+    blocks in ``zmq.Poller.poll`` between messages, so dispatch latency is unchanged.
+    """
+    if getattr(controller, "_gyges_gate", None) is None:
+        return original(controller)
+    import zmq
+    from sglang.srt.managers.data_parallel_controller import sock_recv
+
+    sock = controller.recv_from_tokenizer
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    while True:
+        controller.soft_watchdog.feed()
+        poller.poll(IDLE_POLL_MS)
+        while True:
+            controller.soft_watchdog.feed()
+            try:
+                recv_req = sock_recv(sock, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                break
+            controller._request_dispatcher(recv_req)
+
+
 AROUND_HOOKS = {"dispatching_with_trace": around_dispatching_with_trace,
-                "send_control_message": around_send_control_message}
+                "send_control_message": around_send_control_message,
+                "event_loop": around_event_loop}
 
 
 def _read_loads(controller: Any) -> dict[int, RankLoad]:
