@@ -17,6 +17,9 @@ instances or held, and followers of merged instances receive nothing (SGLang's `
 flags + ``_refresh_active_workers``). The gate's lock serialises the control thread's
 changes, and its sends of held work, with the main thread's dispatch; the scheduler uses
 the same lock.
+
+The controller's ``event_loop`` blocks in a socket poll instead of SGLang's busy poll, so
+the process leaves the CPU (and the GIL) to the schedulers and the Gyges threads.
 """
 from __future__ import annotations
 
