@@ -92,7 +92,10 @@ class RouterProcess:
 @pytest.fixture(scope="module")
 def servers() -> Iterator[list[SGLangServer]]:
     model = tiny_model()
-    pair = [SGLangServer(model, dp_size=2, gyges=True, max_total_tokens=RANK_TOKENS)
+    # A long hold-down: a host must not split back between the long requests of one test
+    # (the router's placement after a split is unit-tested).
+    pair = [SGLangServer(model, dp_size=2, gyges=True, max_total_tokens=RANK_TOKENS,
+                         extra_args=["--gyges-split-hold-down", "60"])
             for _ in range(2)]  # fmt: skip
     try:
         with ThreadPoolExecutor(2) as pool:
@@ -161,7 +164,9 @@ def test_long_requests_gather_on_one_host_while_other_serves_short(servers, rout
     delta = {u: {k: after[u][k] - before[u][k] for k in ("routed_long", "routed_short")}
              for u in after}  # fmt: skip
     long_hosts = [u for u, d in delta.items() if d["routed_long"]]
-    assert len(long_hosts) == 1 and delta[long_hosts[0]]["routed_long"] == len(longs), delta
+    placements = [x for x in Path(router.log.name).read_text().splitlines() if "long request" in x]
+    assert len(long_hosts) == 1 and delta[long_hosts[0]]["routed_long"] == len(longs), \
+        (delta, placements)
     other = next(u for u in delta if u != long_hosts[0])
     assert delta[other]["routed_short"] > 0, delta
     assert merged[long_hosts[0]] >= 1 and merged[other] == 0, merged

@@ -146,6 +146,16 @@ def test_equal_merge_cost_prefers_a_host_already_transformed():
     assert (p.worker_id, p.reason) == ("a", "merge-tp2-cost0")
 
 
+def test_equal_merge_cost_prefers_a_host_that_took_long_requests_lately():
+    # a split back after its last long request; its snapshot looks like b's
+    a, b = tp1_host(2), tp1_host(2)
+    p = place_gyges(1500, [view("b", b), view("a", a, recent_long=True)])
+    assert (p.worker_id, p.reason) == ("a", "merge-tp2-cost0")
+    cheaper = place_gyges(1500, [view("b", b), view("a", tp1_host(2, (300, 0)),
+                                                   recent_long=True)])
+    assert cheaper.worker_id == "b"  # cost first: recency only breaks ties
+
+
 def test_long_requests_join_a_merge_under_way():
     # The router sent long requests to a; its snapshot does not show the merge yet.
     b = view("b", tp1_host(4))

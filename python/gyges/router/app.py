@@ -95,7 +95,11 @@ class Router:
             if placement is None:
                 return None
             self._rr_counter += 1
-            return workers[placement.worker_id], placement.long
+            chosen = workers[placement.worker_id]
+            if placement.long:
+                logger.info("long request (need %d) -> %s: %s", need, chosen.url,
+                            placement.reason)
+            return chosen, placement.long
 
         return await self._forward(request, body, choose, need)
 

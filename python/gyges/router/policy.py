@@ -12,7 +12,7 @@ Gyges policy, per request (see docs/router.md):
   * long: a merged instance that already has room, else a host where a merge is already under
     way for earlier long requests and the new one fits beside them, else the host whose
     cheapest aligned group (least KV tokens to move) can be merged, preferring on equal cost
-    a host that is already transformed; if no group can be merged anywhere, the host with the
+    a host that is already transformed or took long requests lately; if no group can be merged anywhere, the host with the
     least long work queued;
   * so long requests gather on few hosts and do not start merges on many hosts at once.
 """
@@ -85,6 +85,7 @@ class HostView:
     outstanding_long_tokens: int = 0
     released_short_tokens: int = 0
     released_long_tokens: int = 0
+    recent_long: bool = False  # this router sent it a long request lately
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,9 @@ def _gyges_key(need: int, view: HostView) -> tuple[tuple[int, ...], bool, str]:
     costs = merge_costs(k, s) if k is not None else []
     if underway and k is not None:  # the cheapest groups are presumably being merged already
         costs = costs[max(1, k_underway // k) :]
-    if costs:  # equal costs: prefer a host already transformed, so few hosts lose TP1 capacity
-        fresh = 0 if (s.has_merged or underway) else 1
+    if costs:  # equal costs: prefer a host already transformed (or that took long requests
+        # lately and may have split back since), so few hosts lose TP1 capacity
+        fresh = 0 if (s.has_merged or underway or view.recent_long) else 1
         return (4, costs[0], fresh, k or 0, queue), True, f"merge-tp{k}-cost{costs[0]}"
     # Nothing can be merged now: wait where the least long work is queued ahead of it.
     return (5, view.outstanding_long_tokens, queue), True, "wait-for-merged-room"

@@ -19,6 +19,11 @@ from gyges.router.status import refresh_status
 logger = logging.getLogger("gyges.router")
 
 
+# A host that took a long request this recently is preferred for the next one on equal merge
+# cost: it is merged, merging, or just split back (the snapshot may not show which yet).
+RECENT_LONG_S = 30.0
+
+
 @dataclass(frozen=True)
 class Ticket:
     """One request in flight on a worker, as the router placed it."""
@@ -44,6 +49,7 @@ class Worker:
     is_gyges: bool | None = None  # None until /gyges/status answered once
     routed_short: int = 0
     routed_long: int = 0
+    last_long_at: float | None = None  # monotonic time the last long request was sent
     failures: int = 0
     inflight: dict[int, Ticket] = field(default_factory=dict)
     released: list[Ticket] = field(default_factory=list)  # finished since the snapshot
@@ -75,6 +81,8 @@ class Worker:
             outstanding_long_tokens=sum(t.need for t in self.inflight.values() if t.long),
             released_short_tokens=sum(t.need for t in self.released if not t.long),
             released_long_tokens=sum(t.need for t in self.released if t.long),
+            recent_long=self.last_long_at is not None
+            and time.monotonic() - self.last_long_at < RECENT_LONG_S,
         )
 
     def describe(self, now: float) -> dict[str, Any]:
@@ -140,6 +148,7 @@ class WorkerRegistry:
         worker.inflight[ticket] = Ticket(need, long, time.monotonic())
         if long:
             worker.routed_long += 1
+            worker.last_long_at = time.monotonic()
         else:
             worker.routed_short += 1
         return ticket
