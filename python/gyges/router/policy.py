@@ -12,8 +12,8 @@ Gyges policy, per request (see docs/router.md):
   * long: a merged instance that already has room, else a host where a merge is already under
     way for earlier long requests and the new one fits beside them, else the host whose
     cheapest aligned group (least KV tokens to move) can be merged, preferring on equal cost
-    a host that is already transformed or took long requests lately; if no group can be merged anywhere, the host with the
-    least long work queued;
+    a host that is already transformed or took long requests lately; if no group can be
+    merged anywhere, the host with the least long work queued;
   * so long requests gather on few hosts and do not start merges on many hosts at once.
 """
 
