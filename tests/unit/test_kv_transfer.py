@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from gloo_procs import run_workers
 
 from gyges.comm.kv_transfer import TransferStats, execute_plan, pair_runs, workspace_bytes
 from gyges.comm.pool import connect_store, new_gloo_group, start_store
@@ -117,26 +118,9 @@ def _worker(port: int, proc: int, out: mp.Queue) -> None:
 
 @pytest.fixture(scope="module")
 def results() -> dict[tuple[str, int], tuple[bool, TransferStats]]:
-    store = start_store(30)
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "gyges.comm.kv_transfer"])  # import torch once
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(store.port, p, out)) for p in range(4)]
-    for p in procs:
-        p.start()
     expected = sum(2 * len(PAIRS) if c.size == 2 else 4 for c in CASES)
-    got = {}
-    try:
-        for _ in range(expected):
-            name, rank, ok, stats = out.get(timeout=60)
-            assert name != "error", stats
-            got[(name, rank)] = (ok, TransferStats(*stats))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return got
+    got = run_workers(_worker, 4, expected, preload="gyges.comm.kv_transfer")
+    return {(name, rank): (ok, TransferStats(*stats)) for name, rank, ok, stats in got}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -12,6 +12,7 @@ import multiprocessing as mp
 
 import pytest
 import torch
+from gloo_procs import run_workers
 
 from gyges.comm.pool import connect_store, new_gloo_group, start_store
 from gyges.comm.weight_transfer import (
@@ -82,25 +83,8 @@ def _worker(port: int, proc: int, out: mp.Queue) -> None:
 
 @pytest.fixture(scope="module")
 def results() -> dict[tuple[str, int], tuple[bool, int, tuple]]:
-    store = start_store(30)
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "gyges.comm.weight_transfer"])
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(store.port, p, out)) for p in range(4)]
-    for p in procs:
-        p.start()
-    got = {}
-    try:
-        for _ in range(3 * 4):
-            name, proc, ok, released, stats = out.get(timeout=60)
-            assert name != "error", stats
-            got[(name, proc)] = (ok, released, stats)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return got
+    got = run_workers(_worker, 4, 3 * 4, preload="gyges.comm.weight_transfer")
+    return {(name, proc): (ok, released, stats) for name, proc, ok, released, stats in got}
 
 
 def test_release_then_restore_is_bit_exact(results: dict) -> None:

@@ -13,6 +13,16 @@ contiguous stretch of a send buffer, in `by_pair` order::
 
 then one `alltoall_base` exchanges all stretches and each rank unpacks what it received
 (optionally in rounds of a few buffers, pipelined: see `execute_plan`).
+
+Before the first round the members all-gather a fixed-size manifest (plan digest, rounds,
+bytes per peer) and all refuse together, before anything moves, if they disagree: gloo
+aborts the whole process (SIGABRT, not an exception) when a message's size differs from
+the receive it lands in, so sizes must be agreed before any variable-size message.
+Every stretch to a peer starts with a header of four int64 words (magic, round, payload
+bytes, plan digest), sent even when the payload is empty. The receiver checks each header
+before it writes a byte, so a peer running another plan, another round or another
+collective fails the transformation with :class:`KvTransferError` instead of scattering
+foreign bytes; every all-to-all has a timeout scaled to its bytes (`round_timeout_s`).
 Moves inside one rank (`src_rank == dst_rank`) are staged the same way. All sources of a
 round are read (packed or staged) before any destination is written, so the result equals
 `transfer_plan.apply_plan` on all ranks' buffers, swaps and cycles included.
@@ -30,14 +40,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import AllgatherOptions
 
-from gyges.core.transfer_plan import BlockMove, TransferPlan
+from gyges.core.transfer_plan import BlockMove, TransferPlan, plan_digest
+
+HEADER_MAGIC = 0x6779676573  # "gyges"
+HEADER_BYTES = 32  # 4 int64 words: magic, round, payload bytes, plan digest
+TIMEOUT_FLOOR_S = 10.0
+TIMEOUT_BYTES_PER_S = 50e6  # far below loopback gloo (~800 MB/s) or any GPU link
 
 RowRun = tuple[int, int]  # half-open [start, end) in the `[H*S, D]` rows of a buffer
+
+
+class KvTransferError(RuntimeError):
+    """A round of the exchange failed its checks (header, size) or timed out."""
+
+
+def round_timeout_s(nbytes: int) -> float:
+    """Bound of one all-to-all moving `nbytes` (sent + received) on one rank."""
+    return TIMEOUT_FLOOR_S + nbytes / TIMEOUT_BYTES_PER_S
 
 
 class TransferStats(NamedTuple):
@@ -113,18 +139,22 @@ def execute_plan(
     need = workspace_bytes(plan, rank, buffers, buffers_per_round=buffers_per_round)
     _check_workspace(workspace, need)
     routes = _routes(plan, group, rank, slots, buffers[0].device)
+    digest = plan_digest(plan) & ((1 << 62) - 1)
     step = buffers_per_round or len(buffers)
+    if routes.exchanges:
+        _agree_manifest(routes, pg, buffers, step, digest)
     half = need // 2 if len(buffers) > step else need  # two rounds in flight: two halves
     totals = [0, 0, 0]
     pending: _Round | None = None
     for i, first in enumerate(range(0, len(buffers), step)):
         space = None if workspace is None else workspace[(i % 2) * half : (i % 2 + 1) * half]
-        started = _start(routes, pg, buffers[first : first + step], space)
+        started = _start(routes, pg, buffers[first : first + step], space, (i, digest))
         if pending is not None:  # round i-1 lands while round i is on the wire
             _finish(routes, pending)
         pending = started
-        moved = (started.send, started.recv, started.staged)
-        totals = [t + x.numel() * x.element_size() for t, x in zip(totals, moved, strict=True)]
+        moved = (started.sent, started.received, started.staged)
+        totals = [t + (x if isinstance(x, int) else x.numel() * x.element_size())
+                  for t, x in zip(totals, moved, strict=True)]
     assert pending is not None
     _finish(routes, pending)
     return TransferStats(*totals, (time.perf_counter() - t0) * 1000)
@@ -137,13 +167,17 @@ def workspace_bytes(plan: TransferPlan, rank: int, buffers: Sequence[torch.Tenso
     slots = sum(m.num_slots for m in plan.moves if rank in (m.src_rank, m.dst_rank))
     step = buffers_per_round or max(len(buffers), 1)
     rounds = [buffers[i : i + step] for i in range(0, len(buffers), step)]
+    peers = len(plan.group_ranks) - 1 if plan.group_ranks else 8
+    headers = 2 * HEADER_BYTES * peers  # sent and received, per peer
     one = max((slots * sum(b.shape[2] * b.element_size() for b in r) for r in rounds),
-              default=0)
+              default=0) + headers
     return one if len(rounds) < 2 else 2 * one  # two rounds in flight
 
 
 class _Routes(NamedTuple):
     """This rank's part of a plan as row indices (into `[H*S, ...]` rows), wire order."""
+
+    me: int  # this rank's index in the group
 
     send: list[torch.Tensor]  # per local rank of the group: rows it gets from us
     recv: list[torch.Tensor]  # per local rank: our rows its stretch fills
@@ -162,6 +196,7 @@ def _routes(plan: TransferPlan, group: tuple[int, ...], rank: int, slots: int,
         return _run_index(found.src if side == "src" else found.dst, device)
 
     return _Routes(
+        group.index(rank),
         [index(rank, peer, "src") if peer != rank else index(-1, -1, "src") for peer in group],
         [index(peer, rank, "dst") if peer != rank else index(-1, -1, "dst") for peer in group],
         index(rank, rank, "src"),
@@ -178,35 +213,108 @@ class _Round(NamedTuple):
     send: torch.Tensor
     recv: torch.Tensor
     staged: torch.Tensor
+    in_splits: list[int]
+    expect: tuple[int, int]  # (round, plan digest)
+    header_words: int
+    timeout_s: float
+    sent: int  # payload bytes (headers excluded)
+    received: int
 
 
 def _start(routes: _Routes, pg: dist.ProcessGroup, bufs: Sequence[torch.Tensor],
-           workspace: torch.Tensor | None) -> _Round:
+           workspace: torch.Tensor | None, expect: tuple[int, int]) -> _Round:
     """Pack and stage every read of `bufs`, then start their all-to-all."""
     word = _word_dtype(bufs)
     rows = [_rows(buf, word) for buf in bufs]
     width = sum(r.shape[1] for r in rows)  # words of one slot across this round's buffers
-    out_splits = [i.numel() * width for i in routes.send]
-    in_splits = [i.numel() * width for i in routes.recv]
+    head = HEADER_BYTES // word.itemsize if routes.exchanges else 0
+    peers = [p != routes.me for p in range(len(routes.send))]
+    out_splits = [i.numel() * width + head * peer for i, peer in zip(routes.send, peers, strict=True)]
+    in_splits = [i.numel() * width + head * peer for i, peer in zip(routes.recv, peers, strict=True)]
     sizes = (sum(out_splits), sum(in_splits), routes.local_src.numel() * width)
     if workspace is None:
         send, recv, staged = (torch.empty(n, dtype=word, device=bufs[0].device) for n in sizes)
     else:
         send, recv, staged = workspace[: sum(sizes) * word.itemsize].view(word).split(sizes)
-    _gather(send, routes.send, rows)
+    offset = 0
+    for p, (index, n) in enumerate(zip(routes.send, out_splits, strict=True)):
+        if peers[p] and head:
+            words = (HEADER_MAGIC, expect[0], (n - head) * word.itemsize, expect[1])
+            send[offset : offset + head] = torch.tensor(words, dtype=torch.int64).view(word)
+        _gather(send[offset + head * peers[p] : offset + n], [index], rows)
+        offset += n
     _gather(staged, [routes.local_src], rows)
-    work = None
+    work, timeout = None, round_timeout_s((sizes[0] + sizes[1]) * word.itemsize)
     if routes.exchanges:
-        work = pg.alltoall_base(recv, send, in_splits, out_splits, dist.AllToAllOptions())
-    return _Round(rows, work, send, recv, staged)
+        opts = dist.AllToAllOptions()
+        opts.timeout = timedelta(seconds=timeout)
+        work = pg.alltoall_base(recv, send, in_splits, out_splits, opts)
+    payload = (sizes[0] - head * (len(peers) - 1)) * word.itemsize if head else \
+        sizes[0] * word.itemsize
+    got = (sizes[1] - head * (len(peers) - 1)) * word.itemsize if head else \
+        sizes[1] * word.itemsize
+    return _Round(rows, work, send, recv, staged, in_splits, expect, head, timeout,
+                  payload, got)
 
 
 def _finish(routes: _Routes, started: _Round) -> None:
-    """Wait for a round's all-to-all, then write its local and received rows."""
+    """Wait for a round's all-to-all, check every peer's header, then write its local
+    and received rows."""
     if started.work is not None:
-        started.work.wait()
+        try:
+            started.work.wait(timedelta(seconds=started.timeout_s))
+        except Exception as e:
+            raise KvTransferError(f"KV round {started.expect[0]} failed or timed out after "
+                                  f"{started.timeout_s:.0f}s: {e}") from e
+    head, word = started.header_words, started.recv.dtype
+    offset = 0
+    for p, n in enumerate(started.in_splits):
+        if head and p != routes.me:
+            got = tuple(started.recv[offset : offset + head].view(torch.int64).tolist())
+            want = (HEADER_MAGIC, started.expect[0], (n - head) * word.itemsize,
+                    started.expect[1])
+            if got != want:
+                raise KvTransferError(
+                    f"KV round {started.expect[0]}: peer {p} sent header {got}, expected "
+                    f"{want} (magic, round, bytes, plan digest): the members disagree on "
+                    "the plan or the collective order")
+            _scatter(started.recv[offset + head : offset + n], [routes.recv[p]],
+                     started.rows)
+        offset += n
     _scatter(started.staged, [routes.local_dst], started.rows)
-    _scatter(started.recv, routes.recv, started.rows)
+
+
+def _agree_manifest(routes: _Routes, pg: dist.ProcessGroup, buffers: Sequence[torch.Tensor],
+                    step: int, digest: int) -> None:
+    """All-gather (digest, rounds, rows to each peer) and check, on every member, that all
+    members run the same plan: each raises the same :class:`KvTransferError` otherwise."""
+    n = len(routes.send)
+    mine = torch.tensor([HEADER_MAGIC, digest, -(-len(buffers) // step),
+                         *(i.numel() for i in routes.send)], dtype=torch.int64)
+    got = [torch.empty_like(mine) for _ in range(n)]
+    opts = AllgatherOptions()
+    opts.timeout = timedelta(seconds=TIMEOUT_FLOOR_S)
+    try:
+        pg.allgather([got], [mine], opts).wait()
+    except Exception as e:
+        raise KvTransferError(f"KV manifest exchange failed: {e}") from e
+    table = torch.stack(got)
+    if (table[:, :3] != table[0, :3]).any():
+        raise KvTransferError(f"members run different KV plans: (magic, digest, rounds) per "
+                              f"member {table[:, :3].tolist()}")
+    sends = table[:, 3:]  # [sender, receiver] rows
+    for p in range(n):
+        for q in range(n):
+            if p != q and int(sends[p, q]) != _rows_from(routes, p, q, table):
+                raise KvTransferError(f"members disagree on the KV rows {p} sends {q}")
+
+
+def _rows_from(routes: _Routes, p: int, q: int, table: torch.Tensor) -> int:
+    """Rows p sends q as the receiver q computed it (q's own routes are only known on q;
+    every member checks the pairs it takes part in, the others by the sender's count)."""
+    if q == routes.me:
+        return routes.recv[p].numel()
+    return int(table[p, 3 + q])
 
 
 def _gather(flat: torch.Tensor, indices: Sequence[torch.Tensor],

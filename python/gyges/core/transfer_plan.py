@@ -86,6 +86,18 @@ class TransferPlan:
         return {pair: tuple(moves) for pair, moves in out.items()}
 
 
+def plan_digest(plan: TransferPlan) -> int:
+    """A 64-bit fingerprint of everything that decides the bytes on the wire (group,
+    degrees, every move in order). Members compare it before they move anything."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr((tuple(plan.group_ranks), plan.k_from, plan.k_to)).encode())
+    for move in plan.moves:
+        h.update(repr(tuple(move)).encode())
+    return int.from_bytes(h.digest(), "little")
+
+
 def coalesce_ranges(ranges: Iterable[SlotRange]) -> tuple[SlotRange, ...]:
     """Sort half-open ranges and merge overlapping or adjacent ones; drop empty ranges.
     Raises ValueError on a negative start or an end before its start."""
