@@ -229,8 +229,8 @@ def _start(routes: _Routes, pg: dist.ProcessGroup, bufs: Sequence[torch.Tensor],
     width = sum(r.shape[1] for r in rows)  # words of one slot across this round's buffers
     head = HEADER_BYTES // word.itemsize if routes.exchanges else 0
     peers = [p != routes.me for p in range(len(routes.send))]
-    out_splits = [i.numel() * width + head * peer for i, peer in zip(routes.send, peers, strict=True)]
-    in_splits = [i.numel() * width + head * peer for i, peer in zip(routes.recv, peers, strict=True)]
+    out_splits = [i.numel() * width + head * (p != routes.me) for p, i in enumerate(routes.send)]
+    in_splits = [i.numel() * width + head * (p != routes.me) for p, i in enumerate(routes.recv)]
     sizes = (sum(out_splits), sum(in_splits), routes.local_src.numel() * width)
     if workspace is None:
         send, recv, staged = (torch.empty(n, dtype=word, device=bufs[0].device) for n in sizes)
