@@ -70,6 +70,7 @@ class HostController:
         # controller hook; /gyges/status shows its state.
         self.scheduler: Any = None
         self.scheduler_off_reason = "not started"
+        self.health: Any = None  # HostHealth, attached by the DP controller hook
         self.transformer = None if commands is None or routing is None else Transformer(
             num_ranks=config.dp_size, max_tp=config.max_tp, bus=commands,
             bus_lock=self._bus_lock, routing=routing, get_topology=lambda: self.topology,
@@ -86,9 +87,18 @@ class HostController:
 
     def handlers(self) -> dict[str, Handler]:
         return {"hello": self._on_hello, "status": lambda _msg: self.status(),
+                "health": lambda _msg: {"out_of_service": self.out_of_service()},
                 "pool_ready": self._on_pool_ready, "comm_check": self._on_comm_check,
                 "merge": self._on_transform, "split": self._on_transform,
                 "job": self._on_job}
+
+    def out_of_service(self) -> str | None:
+        return self.health.reason() if self.health is not None else None
+
+    def scheduler_pids(self) -> dict[int, int]:
+        """{pid: rank} of the registered schedulers."""
+        with self._lock:
+            return {r.pid: r.rank for r in self._ranks.values()}
 
     def _on_transform(self, msg: Message) -> Message:
         if self.transformer is None:
@@ -193,6 +203,9 @@ class HostController:
         running = self.transformer.running if self.transformer is not None else None
         scheduler = self.scheduler.status() if self.scheduler is not None else None
         return {
+            "out_of_service": self.out_of_service(),
+            "broken_groups": [] if self.transformer is None else [
+                {"ranks": list(g), "why": why} for g, why in self.transformer.broken.items()],
             "kv_layout": _common(r.kv_layout for r in ranks.values()),
             "mlp_storage": _common(r.mlp_storage for r in ranks.values()),
             "dp_size": self.config.dp_size,

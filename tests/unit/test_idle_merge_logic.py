@@ -95,11 +95,12 @@ class FakeRouting:
 
 
 class FakeBus:
-    def __init__(self, busy_polls=0, fail=None, block=None):
+    def __init__(self, busy_polls=0, fail=None, block=None, extra=None, only=None):
         self.busy_polls, self.fail, self.block = busy_polls, fail, block
+        self.extra, self.only = extra or {}, only  # reply fields of a failure; failing ranks
         self.sent = []
 
-    def run(self, ranks, msg, timeout_s):
+    def run(self, ranks, msg, timeout_s, stop=None):
         self.sent.append(msg["op"])
         if msg["op"] == "idle":
             idle = self.busy_polls <= 0
@@ -109,9 +110,11 @@ class FakeBus:
                     for r in ranks}
         if self.block is not None:
             self.block.wait(10)
+        ok = {r: {"ok": True, "id": 1, "rank": r, "phases_ms": {}} for r in ranks}
         if self.fail:
-            return {r: {"ok": False, "error": self.fail} for r in ranks}
-        return {r: {"ok": True, "id": 1, "rank": r, "phases_ms": {}} for r in ranks}
+            return {**ok, **{r: {"ok": False, "error": self.fail, **self.extra}
+                             for r in ranks if self.only is None or r in self.only}}
+        return ok
 
 
 def make(bus, idle_timeout_s=5.0, num_ranks=2):
@@ -152,16 +155,55 @@ def test_busy_group_gets_409_and_dispatch_resumes():
     assert routing.log[-1] == ("resume", (0, 1)) and state["topo"] == Topology.boot(2)
 
 
-def test_member_refusal_is_retried_then_409_other_failures_500():
-    bus = FakeBus(fail="RuntimeError: group busy: rank 1 has unread requests")
-    tr, _, _ = make(bus, idle_timeout_s=0.3)
+def _fails(tr):
     with pytest.raises(ControlError) as e:
         tr.poll({"job": tr.start({"op": "merge", "ranks": [0, 1]})["job"], "wait_s": 5})
-    assert e.value.status == 409 and bus.sent.count("merge") > 1
-    tr, _, state = make(FakeBus(fail="boom"))
-    with pytest.raises(ControlError) as e:
-        tr.poll({"job": tr.start({"op": "merge", "ranks": [0, 1]})["job"], "wait_s": 5})
-    assert e.value.status == 500 and state["topo"] == Topology.boot(2)
+    return e.value
+
+
+def test_member_refusal_is_retried_then_409_other_refusals_409_at_once():
+    bus = FakeBus(fail="Refused: group busy: rank 1 has unread requests")
+    tr, routing, _ = make(bus, idle_timeout_s=0.3)
+    assert _fails(tr).status == 409 and bus.sent.count("merge") > 1
+    assert routing.log[-1] == ("resume", (0, 1))
+    bus = FakeBus(fail="Refused: refused: rank 1: the architecture cannot merge")
+    tr, routing, state = make(bus)
+    e = _fails(tr)
+    assert e.status == 409 and "architecture" in str(e) and bus.sent.count("merge") == 1
+    assert state["topo"] == Topology.boot(2) and routing.log[-1] == ("resume", (0, 1))
+
+
+@pytest.mark.parametrize("extra, only", [({"fatal": True}, None), ({"fatal": True}, {1}),
+                                         ({}, {1})])
+def test_failure_after_commit_is_500_host_out_and_ranks_stay_paused(extra, only):
+    """A fatal reply, or members that disagree (one failed, one did not), fail the host:
+    500 naming the cause, on_fatal called once, the group's ranks never resumed, no
+    retry, and no later transformation starts."""
+    bus = FakeBus(fail="TransformationFailed: transformation failed on rank 1: boom",
+                  extra=extra, only=only)
+    tr, routing, state = make(bus)
+    fatal = []
+    tr.on_fatal = fatal.append
+    tr.stop = lambda: fatal[0] if fatal else None
+    e = _fails(tr)
+    assert e.status == 500 and "rank 1: boom" in str(e) and "out of service" in str(e)
+    assert len(fatal) == 1 and "rank 1: boom" in fatal[0] and bus.sent.count("merge") == 1
+    assert ("resume", (0, 1)) not in routing.log and state["topo"] == Topology.boot(2)
+    with pytest.raises(ControlError, match="out of service") as later:
+        tr.start({"op": "merge", "ranks": [0, 1]})
+    assert later.value.status == 503
+
+
+def test_broken_group_is_refused_then_never_used_again():
+    bus = FakeBus(fail="GroupBroken: rank 0: the vote over [0, 1] failed: timeout",
+                  extra={"broken": True})
+    tr, routing, state = make(bus)
+    e = _fails(tr)
+    assert e.status == 422 and "nothing changed" in str(e)
+    assert routing.log[-1] == ("resume", (0, 1)) and state["topo"] == Topology.boot(2)
+    with pytest.raises(ControlError, match="broken") as later:
+        tr.start({"op": "merge", "ranks": [0, 1]})
+    assert later.value.status == 422
 
 
 def test_second_transformation_gets_409_bad_ones_400():
@@ -261,7 +303,7 @@ def test_finished_jobs_are_observed_with_status_and_result():
     tr, _, _ = make(FakeBus())
     tr.observe = lambda op, status, s, result: seen.append((op, status, result is not None))
     finish(tr, tr.start({"op": "merge", "ranks": [0, 1]})["job"])
-    tr2, _, _ = make(FakeBus(fail="boom"))
+    tr2, _, _ = make(FakeBus(fail="boom", extra={"fatal": True}))
     tr2.observe = tr.observe
     with pytest.raises(ControlError):
         tr2.poll({"job": tr2.start({"op": "merge", "ranks": [0, 1]})["job"], "wait_s": 5})

@@ -44,13 +44,16 @@ def validate_group(ranks: object, num_ranks: int, max_tp: int) -> tuple[int, ...
     if not isinstance(ranks, Sequence) or isinstance(ranks, str) or not all(
         isinstance(r, int) and not isinstance(r, bool) for r in ranks
     ):
-        raise ControlError(f"'ranks' must be a list of integers, got {ranks!r}")
+        raise ControlError("'ranks' must be a list of integers")
+    if len(ranks) > num_ranks:
+        raise ControlError(f"a group of {len(ranks)} ranks is larger than this host's "
+                           f"{num_ranks} ranks")
     group = tuple(sorted(ranks))
     unknown = [r for r in group if not 0 <= r < num_ranks]
     if unknown:
         raise ControlError(f"unknown rank(s) {unknown}: this host has ranks 0..{num_ranks - 1}")
     if len(set(group)) != len(group):
-        raise ControlError(f"ranks {list(ranks)} contain duplicates")
+        raise ControlError(f"ranks {list(group)} contain duplicates")
     k = len(group)
     if k < 2:
         raise ControlError(f"a group needs at least 2 ranks, got {list(group)}")

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from gyges.comm.kv_transfer import TransferStats
+from gyges.comm.kv_transfer import TIMEOUT_FLOOR_S, TransferStats, round_timeout_s
 from gyges.core.kv_layout import check_local_rank, is_power_of_two
 from gyges.core.padded_mlp import PaddedMLPWeights
 
@@ -101,8 +102,9 @@ def restore_shards(
             works.append(pg.recv([buf[:numel]], move.src, tag))
             received.append((move, buf))
             got += mlp.geometry.nbytes
+    bound = timedelta(seconds=round_timeout_s(sent + got))
     for work in works:
-        work.wait()
+        work.wait(bound)
     for move, buf in received:
         weights[move.layer].adopt(move.shard, buf)
     return TransferStats(sent, got, 0, (time.perf_counter() - t0) * 1000)
@@ -132,12 +134,12 @@ def _gather_residency(weights: Sequence[PaddedMLPWeights], pg: dist.ProcessGroup
            first.geometry.numel, first.dtype) for w in weights):
         header[0] = -1  # every member sees the mismatch and raises
     headers = [torch.empty_like(header) for _ in range(n)]
-    pg.allgather([headers], [header]).wait()
+    pg.allgather([headers], [header]).wait(timedelta(seconds=TIMEOUT_FLOOR_S))
     if any(h[0] < 0 or not torch.equal(h, headers[0]) for h in headers):
         raise ValueError(f"members' MLP layers differ: {[h.tolist() for h in headers]}")
     mask = torch.zeros(len(weights), first.max_degree, dtype=torch.uint8)
     for layer, mlp in enumerate(weights):
         mask[layer, mlp.resident_shards()] = 1
     masks = [torch.empty_like(mask) for _ in range(n)]
-    pg.allgather([masks], [mask]).wait()
+    pg.allgather([masks], [mask]).wait(timedelta(seconds=TIMEOUT_FLOOR_S))
     return torch.stack(masks).bool()

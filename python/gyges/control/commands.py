@@ -49,11 +49,14 @@ class CommandBus:
         self._sock.bind(address)
         self._ids = itertools.count(1)
 
-    def run(self, ranks: Iterable[int], msg: Message, timeout_s: float) -> dict[int, Message]:
+    def run(self, ranks: Iterable[int], msg: Message, timeout_s: float,
+            stop: Callable[[], str | None] | None = None) -> dict[int, Message]:
         """Send ``msg`` to every rank of ``ranks``; return each rank's reply.
 
         Raises :class:`ControlError` 503 if a rank has no connected scheduler, 504 if some
-        rank does not answer within ``timeout_s``.
+        rank does not answer within ``timeout_s``. Stops waiting early, with an error reply
+        for each rank still silent, once a reply is ``fatal`` or ``stop()`` (polled every
+        half second) names a reason: a failed host need not wait for its dead members.
         """
         ranks = list(ranks)
         cid = next(self._ids)
@@ -66,11 +69,20 @@ class CommandBus:
         replies: dict[int, Message] = {}
         deadline = time.monotonic() + timeout_s
         while len(replies) < len(ranks):
+            failed = next((x["error"] for x in replies.values() if x.get("fatal")), None)
+            failed = failed or (stop() if stop is not None else None)
+            if failed:
+                for r in set(ranks) - set(replies):
+                    replies[r] = {"id": cid, "rank": r, "ok": False, "fatal": True,
+                                  "error": f"no answer from rank {r}: {failed}"}
+                break
             left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0 or not self._sock.poll(left_ms):
+            if left_ms <= 0:
                 missing = sorted(set(ranks) - set(replies))
                 raise ControlError(f"rank(s) {missing} did not answer {msg.get('op')!r} "
                                    f"within {timeout_s:g}s", 504)
+            if not self._sock.poll(min(left_ms, 500)):
+                continue
             _ident, data = self._sock.recv_multipart()
             reply = json.loads(data)
             if reply.get("id") != cid:
@@ -146,7 +158,12 @@ class CommandClient:
             return {**head, "ok": True, **handler(msg)}
         except Exception as e:  # the serving loop must survive a failed command
             logger.exception("gyges command %r failed", msg.get("op"))
-            return {**head, "ok": False, "error": f"{type(e).__name__}: {e}"}
+            reply = {**head, "ok": False, "error": f"{type(e).__name__}: {e}"}
+            if getattr(e, "fatal", False):  # a failed transformation: the host must go
+                reply["fatal"] = True
+            if getattr(e, "broken", False):  # a group whose collective failed pre-commit
+                reply["broken"] = True
+            return reply
 
     def close(self) -> None:
         self._sock.close()

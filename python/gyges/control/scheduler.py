@@ -123,6 +123,7 @@ class TransformationScheduler:
         self.pending: list[Pending] = []
         self.reservations: dict[tuple[int, ...], Pending] = {}
         self.job: Job | None = None
+        self.halted: str | None = None  # why transformations stopped (a failed host)
         self.owned: set[tuple[int, ...]] = set()  # merged instances this scheduler formed
         self.last_long: dict[int, float] = {}  # leader -> last long request seen
         self.reported_capacity: dict[tuple[int, ...], int] = {}
@@ -171,7 +172,7 @@ class TransformationScheduler:
                     self._give_up(p, f"waited more than {self.max_pending_s:g}s")
                 elif p.reservation is None:
                     self._place(p, first=False)
-            if self.job is None:
+            if self.job is None and self.halted is None:
                 self._start_merge(now) or self._start_split(now)
             if self.metrics is not None:
                 self.metrics.gauges(len(self.pending), sum(map(len, self.reservations)))
@@ -361,6 +362,8 @@ class TransformationScheduler:
         except ControlError as e:
             self.job = None
             self._count(job.op, "failed")
+            if e.status == 500:  # the host failed: it goes out of service, no more jobs
+                self.halted = str(e)
             if job.op == "merge" and job.reservation is not None:
                 self._merge_failed(job.reservation, str(e))
             else:
@@ -432,6 +435,7 @@ class TransformationScheduler:
             rank_usable = usable_tokens(self.host.rank_capacity() or 0, self.page_size)
             return {
                 "policy": self.config.policy,
+                "halted": self.halted,
                 "max_request_tokens": self.config.max_tp * rank_usable,
                 "split_hold_down_s": self.config.split_hold_down_s,
                 "reserved": [{"ranks": list(g), "for": p.rid,

@@ -11,10 +11,17 @@ split mirrors it):
   3. poll the members with ``idle`` until every one reports ``ready`` (its work can move:
      nothing unread, no chunked prefill or unmovable request; bounded, else 409 "group
      busy"); running requests keep running meanwhile;
-  4. send ``merge`` to every member; they switch in a collective, between steps, and carry
-     their running and waiting requests over (a unanimous "group busy" refusal, e.g. a
-     request arrived between the poll and the switch, goes back to step 3);
+  4. send ``merge`` to every member; they prepare, vote and commit in a collective
+     (:mod:`gyges.switch.protocol`), between steps, and carry their running and waiting
+     requests over. A refusal is unanimous and changes nothing: "group busy" (e.g. a
+     request arrived between the poll and the switch) goes back to step 3 within the
+     bound, any other refusal is a 409 at once;
   5. update the topology and routing (followers get nothing), resume dispatch.
+
+A member that fails after commit answers ``fatal``: the host is taken out of service
+(``on_fatal``), the group's ranks stay paused, and the job ends with a 500 naming the
+rank and the cause. A pooled group whose collective failed before commit is ``broken``:
+nothing was lost and its TP1 replicas keep serving, but it is never merged again.
 """
 from __future__ import annotations
 
@@ -45,7 +52,8 @@ class Routing(Protocol):
 
 
 class Bus(Protocol):
-    def run(self, ranks: Any, msg: Message, timeout_s: float) -> dict[int, Message]: ...
+    def run(self, ranks: Any, msg: Message, timeout_s: float,
+            stop: Callable[[], str | None] | None = None) -> dict[int, Message]: ...
 
 
 @dataclass
@@ -64,14 +72,18 @@ class Transformer:
                  set_topology: Callable[[Topology], None],
                  describe: Callable[[Instance], Message],
                  idle_timeout_s: float = 60.0,
-                 observe: Callable[[str, int, float, Message | None], None] | None = None
-                 ) -> None:
+                 observe: Callable[[str, int, float, Message | None], None] | None = None,
+                 on_fatal: Callable[[str], None] | None = None,
+                 stop: Callable[[], str | None] | None = None) -> None:
         self.num_ranks, self.max_tp = num_ranks, max_tp
         self.bus, self.bus_lock, self.routing = bus, bus_lock, routing
         self.get_topology, self.set_topology, self.describe = (get_topology, set_topology,
                                                                describe)
         self.idle_timeout_s = idle_timeout_s
         self.observe = observe  # (op, HTTP status, seconds, result or None) per finished job
+        self.on_fatal = on_fatal  # takes the host out of service
+        self.stop = stop  # why to stop waiting for members (the host is failing), or None
+        self.broken: dict[tuple[int, ...], str] = {}  # groups a failed collective broke
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._jobs: dict[int, Job] = {}
@@ -90,6 +102,14 @@ class Transformer:
                       else self.get_topology().split(ranks))
         except ValueError as e:
             raise ControlError(str(e)) from None
+        broken = [f"{list(g)}: {why}" for g, why in self.broken.items()
+                  if set(g) & set(ranks)]
+        if broken:
+            raise ControlError(f"the pooled group is broken by an earlier failed collective "
+                               f"({'; '.join(broken)}); its replicas keep serving, restart "
+                               "the server to transform them again", 422)
+        if self.stop is not None and (why := self.stop()):
+            raise ControlError(f"this host is out of service: {why}", 503)
         with self._lock:
             if self.running is not None:
                 r = self.running
@@ -137,7 +157,7 @@ class Transformer:
         phases: dict[str, float] = {}
         ranks = job.ranks
         self.routing.pause(ranks)
-        switched = False
+        switched = failed_host = False
         try:
             polls = 0
             while True:
@@ -146,18 +166,30 @@ class Transformer:
                 t1 = time.perf_counter()
                 seed = random.randrange(1 << 31)
                 replies = self._run_bus(ranks, {"op": job.kind, "ranks": list(ranks),
-                                                "seed": seed}, SWITCH_TIMEOUT_S)
-                failed = {r: x.get("error") for r, x in replies.items() if not x.get("ok")}
-                busy = failed and len(failed) == len(ranks) and all(
-                    "group busy" in str(e) for e in failed.values())
-                if not busy:
+                                                "seed": seed}, SWITCH_TIMEOUT_S, self.stop)
+                failed = {r: str(x.get("error")) for r, x in replies.items() if not x.get("ok")}
+                if not failed:
                     break
-                if time.monotonic() - t0 > self.idle_timeout_s or "fits neither" in str(
-                        next(iter(failed.values()))):
-                    raise ControlError(f"group busy: {failed}", 409)
-            if failed:
-                raise ControlError(f"{job.kind} failed on rank(s) {sorted(failed)}: {failed}; "
-                                   "the group's state is unknown", 500)
+                fatal = {r: e for r, e in failed.items() if replies[r].get("fatal")}
+                if fatal or len(failed) < len(ranks):
+                    failed_host = True
+                    reason = "; ".join(dict.fromkeys((fatal or failed).values()))
+                    if self.on_fatal is not None:
+                        self.on_fatal(reason)
+                    raise ControlError(f"{job.kind} of {list(ranks)} failed: {reason}; the "
+                                       "group's requests were aborted and this host is "
+                                       "going out of service", 500)
+                broken = {r: e for r, e in failed.items() if replies[r].get("broken")}
+                if broken:
+                    self.broken[ranks] = next(iter(broken.values()))
+                    raise ControlError(f"{job.kind} of {list(ranks)} refused, nothing "
+                                       f"changed: {self.broken[ranks]}; this group will not "
+                                       "be transformed again", 422)
+                why = next(iter(failed.values()))
+                busy = all("group busy" in e for e in failed.values())
+                if not busy or time.monotonic() - t0 > self.idle_timeout_s:
+                    raise ControlError(why if "group busy" in why or "refused" in why
+                                       else f"refused: {why}", 409)
             switched = True
             phases[f"{job.kind}_ms"] = _ms(t1)
             self.set_topology(target)
@@ -166,7 +198,8 @@ class Transformer:
                 if set(inst.ranks) <= set(ranks):
                     self.routing.set_instance(inst.ranks)
         finally:
-            held = self.routing.resume(ranks)
+            # a failed host keeps the group paused: its ranks' state is gone
+            held = 0 if failed_host else self.routing.resume(ranks)
         phases["routing_ms"] = _ms(t2) if switched else 0.0
         phases["total_ms"] = _ms(t0)
         instances = [self.describe(i) for i in target.instances if i.ranks[0] in ranks]
@@ -197,10 +230,12 @@ class Transformer:
                                    f"within {self.idle_timeout_s:g}s: {detail}", 409)
             time.sleep(0.02)
 
-    def _run_bus(self, ranks: tuple[int, ...], msg: Message,
-                 timeout_s: float) -> dict[int, Message]:
+    def _run_bus(self, ranks: tuple[int, ...], msg: Message, timeout_s: float,
+                 stop: Callable[[], str | None] | None = None) -> dict[int, Message]:
         with self.bus_lock:
-            return self.bus.run(ranks, msg, timeout_s)
+            if stop is None:
+                return self.bus.run(ranks, msg, timeout_s)
+            return self.bus.run(ranks, msg, timeout_s, stop)
 
 
 def _ms(t0: float) -> float:

@@ -31,6 +31,7 @@ from gyges.comm.pool import start_store
 from gyges.control.channel import ControlServer, Message, control_address
 from gyges.control.commands import CommandBus, command_address
 from gyges.control.dispatch_gate import NEVER_HELD, DispatchGate
+from gyges.control.health import HostHealth, watch_schedulers
 from gyges.control.metrics import PrometheusMetrics
 from gyges.control.scheduler import TransformationScheduler
 from gyges.core.request_limits import request_need
@@ -95,6 +96,12 @@ def after_init_dispatcher(_result: None, controller: Any) -> None:
         from gyges.control.transform_metrics import TransformMetrics
 
         host.transformer.observe = TransformMetrics().observe
+    health = HostHealth(pause_all=lambda: routing.pause(tuple(range(config.dp_size))),
+                        exit_host=_exit_host)
+    host.health = health
+    if host.transformer is not None:
+        host.transformer.on_fatal, host.transformer.stop = health.fail, health.reason
+    watch_schedulers(lambda: _scheduler_procs(controller, host), health)
     server = ControlServer(control_address(ipc_name), host.handlers())
     server.start()
     controller._gyges_host = host
@@ -113,6 +120,30 @@ def after_init_dispatcher(_result: None, controller: Any) -> None:
         scheduler.start()
     logger.info("Gyges host controller serving at %s (max TP %d, policy %s, pool store "
                 "port %d)", server.address, config.max_tp, config.policy, store.port)
+
+
+def _scheduler_procs(controller: Any, host: HostController) -> dict[int, tuple[int, int | None]]:
+    """{rank: (pid, exit code or None)} of the registered scheduler processes this
+    controller launched (``exitcode`` also reaps them: no zombies)."""
+    pids = host.scheduler_pids()
+    out = {}
+    for proc in getattr(controller, "scheduler_procs", ()):
+        if proc is not None and proc.pid in pids:
+            out[pids[proc.pid]] = (proc.pid, proc.exitcode)
+    return out
+
+
+def _exit_host() -> None:
+    """Take the whole server down the way SGLang does when a child fails: SIGQUIT to the
+    launcher, whose handler kills the process tree (the server exits non-zero)."""
+    import os
+    import signal
+
+    parent = os.getppid()
+    if parent > 1:
+        os.kill(parent, signal.SIGQUIT)
+    else:
+        os._exit(1)
 
 
 class DpSchedulerHost:

@@ -18,6 +18,7 @@ from gyges.hooks.tokenizer_manager import install_limits
 
 TARGET = "sglang.srt.entrypoints.http_server._setup_and_run_http_server"
 TRANSFORM_TIMEOUT_S = 300.0
+MAX_BODY_BYTES = 64 * 1024
 
 
 def before_setup_and_run_http_server(server_args: Any, tokenizer_manager: Any,
@@ -28,25 +29,55 @@ def before_setup_and_run_http_server(server_args: Any, tokenizer_manager: Any,
         return
     from sglang.srt.entrypoints import http_server
 
-    install_routes(http_server.app, control_address(port_args.tokenizer_ipc_name))
+    install_routes(http_server.app, control_address(port_args.tokenizer_ipc_name),
+                   api_key=getattr(server_args, "api_key", None),
+                   admin_api_key=getattr(server_args, "admin_api_key", None))
     scheduler_infos = args[0] if args else kwargs.get("scheduler_infos")
     if tokenizer_manager is not None and scheduler_infos:
         install_limits(tokenizer_manager, config, scheduler_infos[0],
                        int(server_args.page_size or 1))
 
 
-def install_routes(app: Any, address: str) -> None:
+def install_routes(app: Any, address: str, *, api_key: str | None = None,
+                   admin_api_key: str | None = None) -> None:
+    """``/gyges/merge``, ``/gyges/split`` and ``/gyges/debug/*`` are ADMIN_OPTIONAL like
+    SGLang's own admin routes (``--admin-api-key`` only; else ``--api-key``; else open);
+    ``/gyges/status`` is an ordinary route that shows process ids to admins only. Bodies
+    over 64 KiB get 413. ``/health`` answers 503 while the host is out of service."""
     from fastapi.responses import ORJSONResponse
+    from sglang.srt.utils.auth import AuthLevel, auth_level, decide_request_auth
 
-    async def gyges_status() -> ORJSONResponse:
+    def is_admin(request: Request) -> bool:
+        return decide_request_auth(
+            method=request.method, path=request.url.path,
+            authorization_header=request.headers.get("authorization"), api_key=api_key,
+            admin_api_key=admin_api_key, auth_level=AuthLevel.ADMIN_OPTIONAL).allowed
+
+    async def gyges_status(request: Request) -> ORJSONResponse:
         try:
             reply = await async_request(address, {"op": "status"}, timeout_s=10.0)
         except TimeoutError as e:
             return ORJSONResponse({"error": str(e)}, status_code=503)
         if not reply.pop("ok"):
             return ORJSONResponse({"error": reply["error"]}, status_code=reply["status"])
-        reply["processes"]["http_server"] = {"pid": os.getpid()}
+        if is_admin(request):
+            reply["processes"]["http_server"] = {"pid": os.getpid()}
+        else:
+            reply.pop("processes", None)
         return ORJSONResponse(reply)
+
+    async def gyges_health(request: Request, call_next: Any) -> Any:
+        """503 on SGLang's health routes while this host is out of service (or its
+        controller does not answer); otherwise SGLang's own answer."""
+        if request.url.path in ("/health", "/health_generate"):
+            try:
+                reply = await async_request(address, {"op": "health"}, timeout_s=2.0)
+                why = reply.get("out_of_service") if reply.get("ok") else reply.get("error")
+            except TimeoutError:
+                why = "the Gyges host controller does not answer"
+            if why:
+                return ORJSONResponse({"error": f"out of service: {why}"}, status_code=503)
+        return await call_next(request)
 
     async def gyges_comm_check(request: Request) -> ORJSONResponse:
         """Debug/admin: all-reduce over the pooled group ``{"ranks": [...]}``."""
@@ -56,8 +87,18 @@ def install_routes(app: Any, address: str) -> None:
         return await _forward({"op": "comm_check", "ranks": ranks}, timeout_s=60.0)
 
     async def _read_ranks(request: Request) -> list[Any] | ORJSONResponse:
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+            return ORJSONResponse({"error": f"body over {MAX_BODY_BYTES} bytes"},
+                                  status_code=413)
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                return ORJSONResponse({"error": f"body over {MAX_BODY_BYTES} bytes"},
+                                      status_code=413)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except ValueError as e:
             return ORJSONResponse({"error": f"body is not valid JSON: {e}"}, status_code=400)
         if not isinstance(body, dict) or "ranks" not in body:
@@ -105,7 +146,9 @@ def install_routes(app: Any, address: str) -> None:
             return ORJSONResponse({"error": reply["error"]}, status_code=reply["status"])
         return ORJSONResponse(reply)
 
+    admin = auth_level(AuthLevel.ADMIN_OPTIONAL)
     app.add_api_route("/gyges/status", gyges_status, methods=["GET"])
-    app.add_api_route("/gyges/debug/comm_check", gyges_comm_check, methods=["POST"])
-    app.add_api_route("/gyges/merge", gyges_merge, methods=["POST"])
-    app.add_api_route("/gyges/split", gyges_split, methods=["POST"])
+    app.add_api_route("/gyges/debug/comm_check", admin(gyges_comm_check), methods=["POST"])
+    app.add_api_route("/gyges/merge", admin(gyges_merge), methods=["POST"])
+    app.add_api_route("/gyges/split", admin(gyges_split), methods=["POST"])
+    app.middleware("http")(gyges_health)

@@ -74,13 +74,16 @@ class PooledGroupCoordinator(ps.GroupCoordinator):
         self.cpu_group = self.device_group = None
 
 
-def broadcast_json(group: PoolGroup, obj: Any) -> Any:
+def broadcast_json(group: PoolGroup, obj: Any, timeout_s: float | None = None) -> Any:
     """Broadcast a JSON-able object from the group's first rank over its gloo group."""
     import json
+    from datetime import timedelta
 
     pg = group.cpu_group
     opts = torch.distributed.BroadcastOptions()
     opts.rootRank = 0
+    if timeout_s is not None:
+        opts.timeout = timedelta(seconds=timeout_s)
     data = json.dumps(obj).encode() if group.rank_in_group == 0 else b""
     size = torch.tensor([len(data)], dtype=torch.int64)
     pg.broadcast([size], opts).wait()
@@ -92,18 +95,6 @@ def broadcast_json(group: PoolGroup, obj: Any) -> Any:
     if buf.numel():
         pg.broadcast([buf], opts).wait()
     return obj if group.rank_in_group == 0 else json.loads(bytes(buf.tolist()))
-
-
-def all_true(group: PoolGroup, flag: bool, timeout_s: float = 30.0) -> bool:
-    """Whether ``flag`` holds on every member (a MIN all-reduce); collective."""
-    from datetime import timedelta
-
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    opts = torch.distributed.AllreduceOptions()
-    opts.reduceOp = torch.distributed.ReduceOp.MIN
-    opts.timeout = timedelta(seconds=timeout_s)
-    group.cpu_group.allreduce([t], opts).wait()
-    return bool(t.item())
 
 
 def all_gather_bytes(group: PoolGroup, data: bytes, timeout_s: float = 60.0) -> list[bytes]:

@@ -38,14 +38,21 @@ from gyges.core.migration_plan import (
     plan_split,
     used_ranges_by_segment,
 )
-from gyges.core.transfer_plan import plan_transformation
+from gyges.core.transfer_plan import plan_digest, plan_transformation
 from gyges.switch import capacity, migration, scheduler_state
 from gyges.switch import model as model_switch
-from gyges.switch.group import (
-    PooledGroupCoordinator,
-    all_gather_bytes,
-    all_true,
-    broadcast_json,
+from gyges.switch.group import PooledGroupCoordinator, broadcast_json
+from gyges.switch.protocol import (
+    COMMIT_TIMEOUT_S,
+    Ballot,
+    GroupBroken,
+    Refused,
+    TransformationFailed,
+    abort_requests,
+    clear_scheduler,
+    decide,
+    inject,
+    vote,
 )
 
 logger = logging.getLogger(__name__)
@@ -75,14 +82,19 @@ class GroupMember:
         self.coordinator: PooledGroupCoordinator | None = None
         self.boot: scheduler_state.Tp1State | None = None
         self._workspace: torch.Tensor | None = None  # KV transfer staging, reused
+        self.failed: str | None = None  # set by a failure after commit; the rank is done
         commands.handlers.update(idle=self.on_idle, merge=self.on_merge, split=self.on_split)
 
     # -- per event-loop iteration ---------------------------------------------------------
 
     def poll(self) -> None:
         group = self.group
+        if self.failed is not None:
+            self._out_of_service()
         if group is None:
             self.commands.poll()
+            if self.failed is not None:
+                self._out_of_service()
             return
         leader = group.rank_in_group == 0
         msgs = broadcast_json(group, self.commands.receive() if leader else None)
@@ -90,6 +102,18 @@ class GroupMember:
             if not leader:
                 self.commands.take(msg.get("id"), RELAY_TAKE_TIMEOUT_S)
             self.commands.answer(msg)
+            if self.failed is not None:
+                self._out_of_service()
+
+    def _out_of_service(self) -> None:
+        """Never returns: after a failure past commit this rank's state is lost, so its
+        scheduler must not step again. It answers every command with the failure until
+        the host controller takes the host down (it sees the fatal reply)."""
+        reason = self.failed
+        self.commands.handlers = {op: _raiser(reason) for op in self.commands.handlers}
+        while True:
+            self.commands.poll()
+            time.sleep(0.1)
 
     @property
     def extra_control_replies(self) -> int:
@@ -126,9 +150,74 @@ class GroupMember:
     def tp(self) -> int:
         return 1 if self.group is None else len(self.group.ranks)
 
-    def _agree(self, group: PoolGroup, ok: bool, why: str) -> None:
-        if not all_true(group, ok):
-            raise RuntimeError(f"group busy: {why}")
+    def _prepare(self, op: str, k: int, k_old: int) -> Ballot:
+        """Every local check that can refuse a transformation; any exception refuses."""
+        s = self.s
+        try:
+            inject(op, "prepare", self.rank)
+            why = self.not_ready()
+            if why:
+                return Ballot(False, why, retry=True)
+            gm = getattr(s, "grammar_manager", None)
+            if gm is not None and getattr(gm, "grammar_queue", None):
+                return Ballot(False, f"rank {self.rank}: {len(gm.grammar_queue)} requests "
+                              "are compiling their grammar", retry=True)
+            if op == "merge" and k_old != k // 2:
+                return Ballot(False, f"rank {self.rank} is in a TP{k_old} instance, not a "
+                              f"half of TP{k}")
+            if op == "merge":
+                model_switch.check_reshardable(s.tp_worker.model_runner.model, k,
+                                               self.pool.max_tp, already=k_old > 1)
+            capacity.pool_of(s)
+        except Exception as e:  # a check that fails refuses, on every member alike
+            logger.exception("gyges: rank %d: %s prepare failed", self.rank, op)
+            return Ballot(False, f"rank {self.rank}: {type(e).__name__}: {e}")
+        return Ballot(True)
+
+    def _vote(self, group: PoolGroup, op: str, mine: Ballot) -> list[Ballot]:
+        """A vote before commit. If its collective fails, a merge's group is broken (the
+        members serve on in their own instances) and a split's instance is lost."""
+        try:
+            ballots = vote(group, mine)
+        except Exception as e:
+            if op == "merge":
+                raise GroupBroken(f"rank {self.rank}: the vote over {list(group.ranks)} "
+                                  f"failed: {e}") from e
+            raise self._fail(op, e, [*self.s.running_batch.reqs, *self.s.waiting_queue]) \
+                from e
+        decide(ballots)
+        return ballots
+
+    def _commit_vote(self, group: PoolGroup, op: str, build: Any) -> Any:
+        """Run ``build()`` (exchange and plan: nothing changes yet) and vote on its plan's
+        digest; every member refuses together if one failed or the plans differ."""
+        try:
+            inject(op, "exchange", self.rank)
+            built = build()
+            mine = Ballot(True, payload=plan_digest(built[0]).to_bytes(8, "little"))
+        except Refused as e:
+            built, mine = None, Ballot(False, str(e).split(": ", 1)[1], retry=e.retry)
+        except Exception as e:
+            logger.exception("gyges: rank %d: %s planning failed", self.rank, op)
+            built, mine = None, Ballot(False, f"rank {self.rank}: {type(e).__name__}: {e}")
+        ballots = self._vote(group, op, mine)
+        if len({b.payload for b in ballots}) != 1:
+            raise Refused("members computed different transfer plans (a bug: please "
+                          "report it)", retry=False)
+        return built
+
+    def _fail(self, op: str, e: Exception, reqs: list[Any]) -> TransformationFailed:
+        """After commit: abort the requests this member holds, stop serving, report."""
+        reason = f"transformation failed on rank {self.rank}: {op}: {type(e).__name__}: {e}"
+        logger.error("gyges: %s; aborting %d requests, this host goes out of service",
+                     reason, len(reqs))
+        boot = self.boot
+        socket = boot.tokenizer_socket if boot is not None else \
+            self.s.ipc_channels.send_to_tokenizer.socket
+        aborted = abort_requests(self.s, reqs, reason, socket)
+        clear_scheduler(self.s)
+        self.failed = f"{reason} ({aborted} requests aborted)"
+        return TransformationFailed(self.failed)
 
     def on_merge(self, msg: Message) -> Message:
         """Two aligned instances of degree k/2 (TP1s or merged halves) become one TP-k
@@ -139,62 +228,66 @@ class GroupMember:
         k, r = len(ranks), group.rank_in_group
         k_old, s = self.tp, self.s
         runner = s.tp_worker.model_runner
-        reason = self.not_ready()
-        if not reason and k_old != k // 2:
-            reason = f"rank {self.rank} is in a TP{k_old} instance, not a half of TP{k}"
-        if not reason:
+        mine = self._prepare("merge", k, k_old)
+        work = migration.Work()
+        if mine.ok:
             try:
-                model_switch.check_reshardable(runner.model, k, self.pool.max_tp,
-                                               already=k_old > 1)
-                capacity.pool_of(s)
-            except (NotImplementedError, ValueError, RuntimeError) as e:
-                reason = f"rank {self.rank}: {e}"
-        self._agree(group, not reason, reason or "a peer is not ready")
-        migration.settle(s)
-        pool = capacity.pool_of(s)
-        slots = capacity.slots_per_replica(pool)
-        half = r // k_old
-        work = migration.export_work(s, merge_offset(half, k_old, slots))
-        try:
-            blob, why = migration.to_bytes(work), ""
-        except Exception as e:  # nothing has changed yet: the group refuses as one
-            logger.exception("gyges: rank %d cannot serialize its requests", self.rank)
-            blob, why = b"", f"rank {self.rank}: a request cannot be moved ({e})"
-        self._agree(group, not why, why or "a peer's requests cannot be moved")
-        blobs = all_gather_bytes(group, blob)
-        works = [work if i // k_old == half else migration.from_bytes(blobs[i])
-                 for i in range(0, k, k_old)]
+                migration.settle(s)
+                slots = capacity.slots_per_replica(capacity.pool_of(s))
+                work = migration.export_work(s, merge_offset(r // k_old, k_old, slots))
+                mine = Ballot(True, payload=migration.to_bytes(work))
+            except Exception as e:  # nothing has changed yet: the group refuses as one
+                logger.exception("gyges: rank %d cannot export its requests", self.rank)
+                mine = Ballot(False, f"rank {self.rank}: a request cannot be moved ({e})")
+        ballots = self._vote(group, "merge", mine)
         ph.mark("exchange_ms")
-        used = used_ranges_by_segment(torch.cat([w.slots for w in works]), slots, k)
-        plan = plan_transformation(ranks, k_old, k, pool.gyges_k_layout.num_kv_heads, used,
-                                   slots_per_replica=slots)
-        moved = self._move_kv(plan, ranks, group, pool)
-        ph.mark("kv_transfer_ms")
-        if self.boot is None:
-            self.boot = scheduler_state.Tp1State.capture(s)
-        old = self.coordinator
-        coord = PooledGroupCoordinator(group, self.rank)
+        pool = capacity.pool_of(s)
+        slots, half = capacity.slots_per_replica(pool), r // k_old
+
+        def build() -> tuple[Any, list[migration.Work]]:
+            works = [work if i // k_old == half else migration.from_bytes(ballots[i].payload)
+                     for i in range(0, k, k_old)]
+            running, rows = sum(len(w.running) for w in works), s.req_to_token_pool.size
+            if running > rows:
+                raise Refused(f"the merged instance would run {running} requests but has "
+                              f"{rows} request rows (--max-running-requests)", retry=True)
+            used = used_ranges_by_segment(torch.cat([w.slots for w in works]), slots, k)
+            plan = plan_transformation(ranks, k_old, k, pool.gyges_k_layout.num_kv_heads,
+                                       used, slots_per_replica=slots)
+            self._ensure_workspace(plan, pool)
+            return plan, works
+
+        plan, works = self._commit_vote(group, "merge", build)
+        ph.mark("plan_ms")
+        mine_reqs = [*work.running, *work.waiting]
         try:
+            inject("merge", "kv_move", self.rank)
+            moved = self._move_kv(plan, ranks, group, pool)
+            ph.mark("kv_transfer_ms")
+            if self.boot is None:
+                self.boot = scheduler_state.Tp1State.capture(s)
+            old = self.coordinator
+            coord = PooledGroupCoordinator(group, self.rank)
             scheduler_state.apply_tp(s, coord, k, r, self.boot)
             ph.mark("parallel_state_ms")
             if k_old > 1:
                 model_switch.restore_tp1(runner.model)
             weight_bytes = model_switch.reshard_model(runner.model, k, r, coord,
                                                       self.pool.max_tp)
+            inject("merge", "weight_release", self.rank)
             released = release_shards(model_switch.padded_weights(runner.model), k, r)
             ph.mark("reshard_ms")
             cap = capacity.apply_degree(s, k)
+            inject("merge", "install", self.rank)
             moved_reqs = migration.install_work(s, works)
             ph.mark("install_ms")
-        except Exception:
-            logger.exception("gyges: merge failed on rank %d after the KV moved; the "
-                             "instance is unusable", self.rank)
-            raise
-        if old is not None:
-            old.destroy()
-        self.group, self.coordinator = group, coord
-        self._sync_counters(group, int(msg.get("seed", 0)))
-        self._agree(group, True, "")
+            if old is not None:
+                old.destroy()
+            self.group, self.coordinator = group, coord
+            self._sync_counters(group, int(msg.get("seed", 0)))
+            decide(vote(group, Ballot(True), COMMIT_TIMEOUT_S))
+        except Exception as e:
+            raise self._fail("merge", e, mine_reqs) from e
         ph.mark("sync_ms")
         logger.info("gyges: rank %d merged into TP%d %s as local rank %d: %s %s", self.rank,
                     k, list(ranks), r, moved_reqs, ph.ms)
@@ -215,58 +308,71 @@ class GroupMember:
         k, r = len(ranks), group.rank_in_group
         k_new = k // 2
         half = r // k_new
-        reason = migration.not_movable(s)
-        self._agree(group, not reason, f"rank {self.rank}: {reason}" if reason
-                    else "a peer is not ready")
+        self._vote(group, "split", self._prepare("split", k, k))
         migration.settle(s)
         pool = capacity.pool_of(s)
         slots, page = capacity.slots_per_replica(pool), int(pool.page_size)
         req_to_token = s.req_to_token_pool.req_to_token
         running = list(s.running_batch.reqs)
-        rows = [req_to_token[q.kv.req_pool_idx, : int(q.kv.kv_allocated_len)].tolist()
-                for q in running]
+
+        def build() -> tuple[Any, Any, list[torch.Tensor]]:
+            rows = [req_to_token[q.kv.req_pool_idx, : int(q.kv.kv_allocated_len)].tolist()
+                    for q in running]
+            try:
+                split = plan_split(rows, k=k, slots_per_replica=slots, page_size=page)
+            except SplitRefused as e:
+                raise Refused(str(e), retry=False) from None
+            new_rows = [torch.tensor(x, dtype=torch.int64) for x in split.rows]
+            used = used_ranges_by_segment(torch.cat(new_rows) if new_rows else [], slots, k)
+            plan = plan_transformation(ranks, k, k_new, pool.gyges_k_layout.num_kv_heads,
+                                       used, slots_per_replica=slots)
+            self._ensure_workspace(plan, pool)
+            return plan, split, new_rows
+
+        plan, split, new_rows = self._commit_vote(group, "split", build)
+        ph.mark("plan_ms")
+        all_reqs = [*running, *s.waiting_queue]
         try:
-            split = plan_split(rows, k=k, slots_per_replica=slots, page_size=page)
-        except SplitRefused as e:
-            raise RuntimeError(f"group busy: {e}") from None
-        _copy_pages(pool, split.copies, page)
-        ph.mark("compact_ms")
-        new_rows = [torch.tensor(x, dtype=torch.int64) for x in split.rows]
-        mine = [i for i, h in enumerate(split.halves) if h == half]
-        used = used_ranges_by_segment(torch.cat(new_rows) if new_rows else [], slots, k)
-        plan = plan_transformation(ranks, k, k_new, pool.gyges_k_layout.num_kv_heads, used,
-                                   slots_per_replica=slots)
-        moved = self._move_kv(plan, ranks, group, pool)
-        ph.mark("kv_transfer_ms")
-        offset = half * k_new * slots
-        work = migration.Work([running[i] for i in mine],
-                              [new_rows[i] - offset for i in mine],
-                              [q for i, q in enumerate(s.waiting_queue) if i % 2 == half])
-        runner = s.tp_worker.model_runner
-        padded = model_switch.padded_weights(runner.model)
-        restored = restore_shards(padded, k, k_new, r, group.device_group) if padded else None
-        ph.mark("weight_restore_ms")
-        old = self.coordinator
-        model_switch.restore_tp1(runner.model)
-        if k_new == 1:
-            assert self.boot is not None
-            scheduler_state.restore_tp1(s, self.boot)
-            self.group = self.coordinator = None
-        else:
-            sub = self.pool.group(ranks[half * k_new:(half + 1) * k_new])
-            coord = PooledGroupCoordinator(sub, self.rank)
-            scheduler_state.apply_tp(s, coord, k_new, sub.rank_in_group, self.boot)
-            model_switch.reshard_model(runner.model, k_new, sub.rank_in_group, coord,
-                                       self.pool.max_tp)
-            self.group, self.coordinator = sub, coord
-        if old is not None:
-            old.destroy()
-        ph.mark("restore_ms")
-        cap = capacity.apply_degree(s, k_new)
-        moved_reqs = migration.install_work(s, [work])
-        ph.mark("install_ms")
-        self._sync_counters(group, int(msg.get("seed", 0)))
-        self._agree(group, True, "")
+            _copy_pages(pool, split.copies, page)
+            ph.mark("compact_ms")
+            mine = [i for i, h in enumerate(split.halves) if h == half]
+            inject("split", "kv_move", self.rank)
+            moved = self._move_kv(plan, ranks, group, pool)
+            ph.mark("kv_transfer_ms")
+            offset = half * k_new * slots
+            work = migration.Work([running[i] for i in mine],
+                                  [new_rows[i] - offset for i in mine],
+                                  [q for i, q in enumerate(s.waiting_queue) if i % 2 == half])
+            runner = s.tp_worker.model_runner
+            padded = model_switch.padded_weights(runner.model)
+            inject("split", "weight_restore", self.rank)
+            restored = restore_shards(padded, k, k_new, r, group.device_group) \
+                if padded else None
+            ph.mark("weight_restore_ms")
+            old = self.coordinator
+            model_switch.restore_tp1(runner.model)
+            if k_new == 1:
+                assert self.boot is not None
+                scheduler_state.restore_tp1(s, self.boot)
+                self.group = self.coordinator = None
+            else:
+                sub = self.pool.group(ranks[half * k_new:(half + 1) * k_new])
+                coord = PooledGroupCoordinator(sub, self.rank)
+                scheduler_state.apply_tp(s, coord, k_new, sub.rank_in_group, self.boot)
+                model_switch.reshard_model(runner.model, k_new, sub.rank_in_group, coord,
+                                           self.pool.max_tp)
+                self.group, self.coordinator = sub, coord
+            if old is not None:
+                old.destroy()
+            ph.mark("restore_ms")
+            cap = capacity.apply_degree(s, k_new)
+            inject("split", "install", self.rank)
+            moved_reqs = migration.install_work(s, [work])
+            ph.mark("install_ms")
+            self._sync_counters(group, int(msg.get("seed", 0)))
+            decide(vote(group, Ballot(True), COMMIT_TIMEOUT_S))
+        except Exception as e:
+            raise self._fail("split", e, all_reqs) from e
         ph.mark("sync_ms")
         logger.info("gyges: rank %d split from %s into TP%d: %s %s", self.rank, list(ranks),
                     k_new, moved_reqs, ph.ms)
@@ -276,14 +382,20 @@ class GroupMember:
                 "weight_bytes_restored": restored.bytes_received if restored else 0,
                 **moved_reqs}
 
+    def _ensure_workspace(self, plan: Any, pool: Any) -> None:
+        """Staging memory for the KV plan, allocated before the commit vote (a member that
+        cannot allocate it refuses)."""
+        need = workspace_bytes(plan, self.rank, _storages_by_layer(pool), buffers_per_round=2)
+        if self._workspace is None or self._workspace.numel() < need:
+            self._workspace = None
+            self._workspace = torch.empty(need, dtype=torch.uint8)
+
     def _move_kv(self, plan: Any, ranks: tuple[int, ...], group: PoolGroup,
                  pool: Any) -> Any:
         """Run the KV plan one layer (K and V) per round, pipelined, staging in a workspace
         kept across transformations (fresh staging memory is page-faulted in each time)."""
         bufs = _storages_by_layer(pool)
-        need = workspace_bytes(plan, self.rank, bufs, buffers_per_round=2)
-        if self._workspace is None or self._workspace.numel() < need:
-            self._workspace = torch.empty(need, dtype=torch.uint8)
+        self._ensure_workspace(plan, pool)
         return execute_plan(plan, ranks, self.rank, group.device_group, bufs,
                             buffers_per_round=2, workspace=self._workspace)
 
@@ -292,9 +404,16 @@ class GroupMember:
         from sglang.srt.utils import set_random_seed
 
         s = self.s
-        state = broadcast_json(group, {"forward_ct": int(getattr(s, "forward_ct", 0))})
+        state = broadcast_json(group, {"forward_ct": int(getattr(s, "forward_ct", 0))},
+                               COMMIT_TIMEOUT_S)
         s.forward_ct = state["forward_ct"]
         set_random_seed(seed)
+
+
+def _raiser(reason: str | None) -> Any:
+    def handler(_msg: Message) -> Message:
+        raise TransformationFailed(f"out of service: {reason}")
+    return handler
 
 
 def _storages_by_layer(pool: Any) -> list[torch.Tensor]:
