@@ -95,7 +95,8 @@ def test_control_requests_do_not_hang_while_merged(srv, baseline):
 @pytest.mark.parametrize("path, body, message", [
     ("/gyges/merge", {"ranks": [0]}, "at least 2 ranks"),
     ("/gyges/merge", {"ranks": [0, 5]}, "unknown rank(s) [5]"),
-    ("/gyges/merge", {"ranks": [0, 1, 2, 3]}, "unknown rank(s) [2, 3]"),
+    ("/gyges/merge", {"ranks": [0, 1, 2, 3]}, "larger than this host's 2 ranks"),
+    ("/gyges/merge", {"ranks": [0, 3]}, "unknown rank(s) [3]"),
     ("/gyges/merge", {"ranks": "0,1"}, "must be a list of integers"),
     ("/gyges/merge", {"group": [0, 1]}, "must be a JSON object"),
     ("/gyges/split", {"ranks": [0, 1]}, "are separate TP1 instances"),

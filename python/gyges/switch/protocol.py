@@ -20,9 +20,10 @@ KV executor scales its own to the bytes). Members reach a vote only between sche
 steps, so the bound covers one step of each member.
 
 Fault injection for tests: ``GYGES_FAULT_INJECT="op:phase:rank[:kill]"`` (e.g.
-``merge:kv_move:1``) raises once at that phase on that host rank, or SIGKILLs the process
-with ``:kill``. Phases: prepare, exchange, kv_move, weight_release, install (merge);
-prepare, exchange, kv_move, weight_restore, install (split). Read only when set.
+``merge:kv_move:1``; several separated by commas) raises once at that phase on that
+host rank, or SIGKILLs the process with ``:kill``. Phases: prepare, exchange, kv_move,
+weight_release, install (merge); prepare, exchange, kv_move, weight_restore, install
+(split). Read only when set.
 """
 from __future__ import annotations
 
@@ -104,12 +105,14 @@ def decide(ballots: list[Ballot]) -> None:
 
 def inject(op: str, phase: str, rank: int) -> None:
     """Raise (or die) here if ``GYGES_FAULT_INJECT`` names this op, phase and rank; once."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
+    specs = os.environ.get(FAULT_ENV)
+    if not specs:
+        return
+    spec = next((x for x in specs.split(",") if x.split(":")[:3] == [op, phase, str(rank)]
+                 and x not in _fired), None)
+    if spec is None:
         return
     parts = spec.split(":")
-    if parts[:3] != [op, phase, str(rank)] or spec in _fired:
-        return
     _fired.add(spec)
     logger.error("gyges: injected fault %s on rank %d", spec, rank)
     if parts[3:4] == ["kill"]:
