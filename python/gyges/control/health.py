@@ -5,7 +5,8 @@ lost) or a scheduler process died. From then on ``/health`` answers 503 (the HTT
 asks :meth:`HostHealth.reason` through the control channel), dispatch is paused on every
 rank, no transformation starts, and after a grace period (in-flight requests on healthy
 instances may finish, and failed members abort theirs) the host exits non-zero through
-``exit_host``, so a router or supervisor routes around it and restarts it.
+``exit_host`` (SIGKILL of the server's processes), so a router or supervisor routes
+around it and restarts it.
 """
 from __future__ import annotations
 

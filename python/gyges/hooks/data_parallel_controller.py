@@ -134,16 +134,29 @@ def _scheduler_procs(controller: Any, host: HostController) -> dict[int, tuple[i
 
 
 def _exit_host() -> None:
-    """Take the whole server down the way SGLang does when a child fails: SIGQUIT to the
-    launcher, whose handler kills the process tree (the server exits non-zero)."""
+    """Take the whole server down at once: SIGKILL to every other process of the server
+    (the launcher and all its descendants), then exit non-zero. Not SIGQUIT to the
+    launcher: SGLang's crash handler then spends over a minute on crash diagnostics
+    (py-spy, CUDA core dumps) before it exits."""
     import os
-    import signal
 
-    parent = os.getppid()
-    if parent > 1:
-        os.kill(parent, signal.SIGQUIT)
-    else:
-        os._exit(1)
+    import psutil
+
+    me = psutil.Process()
+    launcher = me.parent()
+    top = launcher if launcher is not None and launcher.pid > 1 else me
+    for proc in top.children(recursive=True):
+        if proc.pid != me.pid:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+    if top is not me:
+        try:
+            top.kill()
+        except psutil.NoSuchProcess:
+            pass
+    os._exit(1)
 
 
 class DpSchedulerHost:

@@ -38,6 +38,27 @@ def before_setup_and_run_http_server(server_args: Any, tokenizer_manager: Any,
                        int(server_args.page_size or 1))
 
 
+class HealthGate:
+    """Pure ASGI middleware: SGLang's health routes answer 503 while this host is out of
+    service (or its controller does not answer); otherwise SGLang's own handler runs."""
+
+    PATHS = ("/health", "/health_generate")
+
+    def __init__(self, app: Any, out_of_service: Any) -> None:
+        self.app, self.out_of_service = app, out_of_service
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") in self.PATHS:
+            why = await self.out_of_service()
+            if why:
+                from starlette.responses import JSONResponse
+
+                response = JSONResponse({"error": f"out of service: {why}"}, status_code=503)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def install_routes(app: Any, address: str, *, api_key: str | None = None,
                    admin_api_key: str | None = None) -> None:
     """``/gyges/merge``, ``/gyges/split`` and ``/gyges/debug/*`` are ADMIN_OPTIONAL like
@@ -66,18 +87,12 @@ def install_routes(app: Any, address: str, *, api_key: str | None = None,
             reply.pop("processes", None)
         return ORJSONResponse(reply)
 
-    async def gyges_health(request: Request, call_next: Any) -> Any:
-        """503 on SGLang's health routes while this host is out of service (or its
-        controller does not answer); otherwise SGLang's own answer."""
-        if request.url.path in ("/health", "/health_generate"):
-            try:
-                reply = await async_request(address, {"op": "health"}, timeout_s=2.0)
-                why = reply.get("out_of_service") if reply.get("ok") else reply.get("error")
-            except TimeoutError:
-                why = "the Gyges host controller does not answer"
-            if why:
-                return ORJSONResponse({"error": f"out of service: {why}"}, status_code=503)
-        return await call_next(request)
+    async def out_of_service() -> str | None:
+        try:
+            reply = await async_request(address, {"op": "health"}, timeout_s=2.0)
+        except TimeoutError:
+            return "the Gyges host controller does not answer"
+        return reply.get("out_of_service") if reply.get("ok") else reply.get("error")
 
     async def gyges_comm_check(request: Request) -> ORJSONResponse:
         """Debug/admin: all-reduce over the pooled group ``{"ranks": [...]}``."""
@@ -151,4 +166,4 @@ def install_routes(app: Any, address: str, *, api_key: str | None = None,
     app.add_api_route("/gyges/debug/comm_check", admin(gyges_comm_check), methods=["POST"])
     app.add_api_route("/gyges/merge", admin(gyges_merge), methods=["POST"])
     app.add_api_route("/gyges/split", admin(gyges_split), methods=["POST"])
-    app.middleware("http")(gyges_health)
+    app.add_middleware(HealthGate, out_of_service=out_of_service)

@@ -250,7 +250,8 @@ class GroupMember:
             running, rows = sum(len(w.running) for w in works), s.req_to_token_pool.size
             if running > rows:
                 raise Refused(f"the merged instance would run {running} requests but has "
-                              f"{rows} request rows (--max-running-requests)", retry=True)
+                              f"{rows} request rows (--max-running-requests); merge when "
+                              "fewer requests run", retry=False)
             used = used_ranges_by_segment(torch.cat([w.slots for w in works]), slots, k)
             plan = plan_transformation(ranks, k_old, k, pool.gyges_k_layout.num_kv_heads,
                                        used, slots_per_replica=slots)
