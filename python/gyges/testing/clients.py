@@ -57,7 +57,8 @@ def greedy_outputs(url: str) -> dict:
 
 
 def stream_generate(url: str, input_ids: list[int], max_new_tokens: int,
-                    rid: str | None = None, chunks: list[dict] | None = None) -> list[dict]:
+                    rid: str | None = None, chunks: list[dict] | None = None,
+                    headers: dict[str, str] | None = None) -> list[dict]:
     """Every chunk of a greedy streaming ``/generate`` (the last one is the full output),
     appended to ``chunks`` (if given) as they arrive."""
     body: dict = {"input_ids": input_ids, "stream": True,
@@ -66,7 +67,8 @@ def stream_generate(url: str, input_ids: list[int], max_new_tokens: int,
     if rid is not None:
         body["rid"] = rid
     chunks = [] if chunks is None else chunks
-    with requests.post(url + "/generate", json=body, stream=True, timeout=600) as r:
+    with requests.post(url + "/generate", json=body, stream=True, timeout=600,
+                       headers=headers) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith(b"data:"):
@@ -91,13 +93,15 @@ def wait_until_streaming(url: str, count: int, timeout_s: float = 60.0) -> None:
 
 
 def start_streams(url: str, prompts: list[list[int]], max_new_tokens: int,
-                  min_chunks: int = 2, timeout_s: float = 120.0
+                  min_chunks: int = 2, timeout_s: float = 120.0,
+                  headers: dict[str, str] | None = None
                   ) -> tuple[list[threading.Thread], dict[int, list[dict]]]:
     """Start one streaming request per prompt in its own thread; return once each has
     streamed ``min_chunks`` chunks. Chunks accumulate in the returned dict by prompt index."""
     got: dict[int, list[dict]] = {i: [] for i in range(len(prompts))}
     threads = [threading.Thread(target=stream_generate, args=(url, p, max_new_tokens),
-                                kwargs={"chunks": got[i]}) for i, p in enumerate(prompts)]
+                                kwargs={"chunks": got[i], "headers": headers})
+               for i, p in enumerate(prompts)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + timeout_s

@@ -1,0 +1,95 @@
+"""The control plane only admins drive, and merges that must be refused cleanly.
+
+- The key matrix of every ``/gyges`` route with ``--api-key`` and ``--admin-api-key``,
+  each alone and both: ADMIN_OPTIONAL like SGLang's own admin routes; ``/gyges/status``
+  is ordinary and shows process ids to admins only; bodies over 64 KiB get 413.
+- An over-full merge (issue 12 case 1): two replicas with 6 request rows each run 12
+  streams; the merged instance would have 6 rows, so the vote refuses it (409, before any
+  KV moves) and every stream finishes exactly; the server keeps serving.
+"""
+from __future__ import annotations
+
+import pytest
+import requests
+
+from gyges.testing.clients import start_streams, stream_generate
+from gyges.testing.server import SGLangServer, tiny_model
+from gyges.testing.tiny_model import LLAMA_GQA
+
+USER, ADMIN = "user-key", "admin-key"
+NEW = 400  # 6 x (400 + prompt) fits the 4096 slots of each replica
+ADMIN_ROUTES = [("POST", "/gyges/merge", {"ranks": [0]}),  # 400 once through auth
+                ("POST", "/gyges/split", {"ranks": [0]}),
+                ("POST", "/gyges/debug/comm_check", {"ranks": [0]})]
+
+
+def _call(url: str, method: str, path: str, body: object, key: str | None) -> int:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = requests.request(method, url + path, json=body, headers=headers, timeout=60)
+    return r.status_code
+
+
+@pytest.fixture(scope="module")
+def both_keys():
+    with SGLangServer(tiny_model(LLAMA_GQA), dp_size=2, gyges=True,
+                      extra_args=["--api-key", USER, "--admin-api-key", ADMIN,
+                                  "--max-running-requests", "6"]) as srv:
+        yield srv
+
+
+def _bearer(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+@pytest.mark.parametrize("keys, admin, denied, status_key", [
+    ((), ADMIN, (None, USER, "wrong"), USER),  # the shared server: both keys
+    (("--admin-api-key", ADMIN), ADMIN, (None, USER, "wrong"), None),
+    (("--api-key", USER), USER, (None, ADMIN, "wrong"), USER),
+], ids=["both", "admin-only", "api-only"])
+def test_admin_routes_follow_sglang_admin_optional(both_keys, keys, admin, denied,
+                                                   status_key):
+    if not keys:
+        _check_matrix(both_keys.url, admin, denied, status_key)
+        return
+    with SGLangServer(tiny_model(LLAMA_GQA), dp_size=2, gyges=True,
+                      extra_args=list(keys)) as srv:
+        _check_matrix(srv.url, admin, denied, status_key)
+
+
+def _check_matrix(url: str, admin: str, denied: tuple, status_key: str | None) -> None:
+    for method, path, body in ADMIN_ROUTES:
+        assert _call(url, method, path, body, admin) == 400, path  # auth passed
+        for key in denied:
+            assert _call(url, method, path, body, key) == 401, (path, key)
+    # /gyges/status is an ordinary route (SGLang's NORMAL level)
+    r = requests.get(url + "/gyges/status", headers=_bearer(status_key), timeout=30)
+    assert r.status_code == 200, r.text
+    assert ("processes" in r.json()) == (status_key == admin), r.json().keys()
+    if status_key:
+        assert requests.get(url + "/gyges/status", timeout=30).status_code == 401
+    else:  # open, but pids only to the admin
+        r = requests.get(url + "/gyges/status", headers=_bearer(admin), timeout=30)
+        assert r.status_code == 200 and "pid" in str(r.json()["processes"])
+    big = {"ranks": [0, 1], "pad": "x" * (70 * 1024)}
+    assert _call(url, "POST", "/gyges/merge", big, admin) == 413
+    assert requests.get(url + "/health", timeout=30).status_code == 200
+
+
+def test_over_full_merge_is_refused_and_streams_finish_exactly(both_keys):
+    url, user = both_keys.url, _bearer(USER)
+    prompts = [[(11 * i + 5 * j) % 300 + 5 for j in range(8 + 3 * i)] for i in range(12)]
+    ref = [stream_generate(url, p, NEW, headers=user)[-1]["output_ids"] for p in prompts]
+    threads, got = start_streams(url, prompts, NEW, min_chunks=2, headers=user)
+    r = requests.post(url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120,
+                      headers=_bearer(ADMIN))
+    # the refusal names how many requests ran at the vote: more than 6 met the merge
+    assert r.status_code == 409 and "request rows" in r.json()["error"], r.text
+    running = int(r.json()["error"].split(" would run ")[1].split()[0])
+    assert running > 6, r.text
+    for t in threads:
+        t.join(timeout=300)
+    for i, want in enumerate(ref):
+        assert got[i][-1]["output_ids"] == want, f"stream {i} diverged"
+        assert got[i][-1]["meta_info"]["finish_reason"]["type"] == "length"
+    st = requests.get(url + "/gyges/status", headers=user, timeout=30).json()
+    assert [i["tp"] for i in st["instances"]] == [1, 1] and not st["out_of_service"]
