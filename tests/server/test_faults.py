@@ -147,6 +147,9 @@ def test_faults_after_commit_take_the_host_out(reference, fault, before):
         assert proc is not None
         code = proc.wait(timeout=60)
         assert code != 0
+        deadline = time.monotonic() + 15  # SIGKILLed processes take a moment to go
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert _group_alive(proc.pid) == [], "processes left behind"
         srv.proc = None
 

@@ -23,7 +23,8 @@ Fault injection for tests: ``GYGES_FAULT_INJECT="op:phase:rank[:kill]"`` (e.g.
 ``merge:kv_move:1``; several separated by commas) raises once at that phase on that
 host rank, or SIGKILLs the process with ``:kill``. Phases: prepare, exchange, kv_move,
 weight_release, install (merge); prepare, exchange, kv_move, weight_restore, install
-(split). Read only when set.
+(split). Read only when set; ``@PATH`` reads the specs from that file at every phase (a
+missing file names none), so a test can arm a fault in a running server.
 """
 from __future__ import annotations
 
@@ -108,6 +109,12 @@ def inject(op: str, phase: str, rank: int) -> None:
     specs = os.environ.get(FAULT_ENV)
     if not specs:
         return
+    if specs.startswith("@"):
+        try:
+            with open(specs[1:]) as f:
+                specs = f.read().strip()
+        except OSError:
+            return
     spec = next((x for x in specs.split(",") if x.split(":")[:3] == [op, phase, str(rank)]
                  and x not in _fired), None)
     if spec is None:
