@@ -1,7 +1,8 @@
 """The router in front of two real Gyges servers (dp 2 each, tiny model, CPU, float32).
 
-One module-scoped pair of servers and one router process serve every test; the last test kills
-one server, so the order of the tests in this file matters.
+One module-scoped pair of servers and one router process serve every test; the last two tests
+take the second server down (a failed merge, then SIGKILL), so the order of the tests in this
+file matters.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +24,14 @@ import openai
 import pytest
 import requests
 
+from gyges.testing.clients import stream_generate
 from gyges.testing.server import SGLangServer, free_port, tiny_model
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
 RANK_TOKENS = 1024  # --max-total-tokens: one TP1 replica's KV capacity
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
+FAULT_FILE = Path(tempfile.gettempdir()) / f"gyges-router-e2e-fault-{os.getpid()}"
 WORDS = "the model token cache merge split group rank serve request long short prompt".split()
 
 
@@ -97,6 +101,9 @@ def servers() -> Iterator[list[SGLangServer]]:
     pair = [SGLangServer(model, dp_size=2, gyges=True, max_total_tokens=RANK_TOKENS,
                          extra_args=["--gyges-split-hold-down", "60"])
             for _ in range(2)]  # fmt: skip
+    # the second server's faults are armed by writing FAULT_FILE (see test_host_failing...)
+    FAULT_FILE.unlink(missing_ok=True)
+    pair[1].env.update(GYGES_FAULT_INJECT=f"@{FAULT_FILE}", GYGES_EXIT_GRACE_S="3")
     try:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(SGLangServer.start, pair))
@@ -104,6 +111,7 @@ def servers() -> Iterator[list[SGLangServer]]:
     finally:
         for srv in pair:
             srv.stop()
+        FAULT_FILE.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +204,69 @@ def test_bad_input_and_server_errors_pass_through(servers, router):
     status, _ = generate(router.url, too_long)
     assert status == generate(servers[0].url, too_long)[0] == 400
     assert generate(router.url, short_body(0))[0] == 200
+
+
+def test_host_failing_mid_merge_is_routed_around(servers, router):
+    """A merge on the second host fails after commit (KV move on rank 1) with streams on it:
+    the host goes out of service and exits; requests sent through the router meanwhile are
+    served by the first host, exactly; the router's metrics count the failure. The host is
+    then restarted on its port and the router takes it back."""
+    victim, survivor = servers[1], servers[0]
+    status = requests.get(victim.url + "/gyges/status", timeout=30).json()
+    for inst in status["instances"]:
+        if inst["tp"] > 1:  # merged by an earlier test: split it back first
+            r = requests.post(victim.url + "/gyges/split", json={"ranks": inst["ranks"]},
+                              timeout=120)
+            assert r.status_code == 200, r.text
+    streams, threads = {}, []
+    for i in range(2):
+        ids = [random.Random(50 + i).randrange(300, 1000) for _ in range(20)]
+        streams[i] = []
+        threads.append(threading.Thread(target=_stream_quietly,
+                                        args=(victim.url, ids, streams[i]), daemon=True))
+        threads[-1].start()
+    deadline = time.monotonic() + 60
+    while min(len(c) for c in streams.values()) < 2:
+        assert time.monotonic() < deadline, "streams did not start on the victim"
+        time.sleep(0.05)
+    FAULT_FILE.write_text("merge:kv_move:1")
+    r = requests.post(victim.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=60)
+    assert r.status_code == 500 and "transformation failed on rank 1" in r.text, r.text
+    bodies = [short_body(300 + i) for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda b: generate(router.url, b), bodies))
+    assert [s for s, _ in results] == [200] * len(bodies), results
+    direct = [generate(survivor.url, b)[1]["text"] for b in bodies]
+    assert [r["text"] for _, r in results] == direct
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "a stream on the failed host never returned"
+    # the merge met live work: not every stream on the host finished normally
+    finished = [((c[-1].get("meta_info") or {}).get("finish_reason") or {}).get("type")
+                for c in streams.values()]
+    assert any(f != "length" for f in finished), finished
+    assert victim.proc is not None and victim.proc.wait(timeout=60) != 0
+    metrics = requests.get(router.url + "/metrics", timeout=10).text
+    failures = [line for line in metrics.splitlines() if line.startswith(
+        "gyges_router_worker_failures_total") and f'worker="{victim.url}"' in line]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in failures) >= 1, metrics
+    FAULT_FILE.unlink()
+    victim.proc = None
+    restarted = SGLangServer(victim.model, dp_size=2, gyges=True, max_total_tokens=RANK_TOKENS,
+                             extra_args=["--gyges-split-hold-down", "60"], port=victim.port)
+    restarted.start()
+    servers[1] = restarted
+    deadline = time.monotonic() + 60
+    while not by_url(router.status())[victim.url]["is_healthy"]:
+        assert time.monotonic() < deadline, "the router did not take the restarted host back"
+        time.sleep(0.5)
+
+
+def _stream_quietly(url: str, ids: list[int], chunks: list[dict]) -> None:
+    try:
+        stream_generate(url, ids, 600, chunks=chunks)
+    except requests.RequestException:
+        pass  # cut by the host's exit
 
 
 def test_killing_one_server_mid_run_keeps_serving(servers, router):

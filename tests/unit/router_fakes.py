@@ -34,7 +34,10 @@ class FakeWorker:
     gyges: False -> /gyges/status is 404 (stock server); True -> a simulated status whose
     instances reflect the requests in flight (long ones in a merged TP2 instance of ranks 0-1).
     fail: None, "drop" (close the connection before answering), "drop_after_headers"
-    (event streams: headers, then close), "drop_mid_stream" (two chunks, then close).
+    (event streams: headers, then close), "drop_mid_stream" (two chunks, then close),
+    "unavailable" (503, as a Gyges host out of service answers).
+    key: when set, every route but /health answers 401 without ``Bearer key``; ``auth_seen``
+    records the Authorization header of every request.
     """
 
     def __init__(
@@ -51,6 +54,8 @@ class FakeWorker:
         self.name, self.gyges, self.dp, self.cap, self.max_tp = name, gyges, dp, cap, max_tp
         self.chunk_delay_s, self.hold_s = chunk_delay_s, hold_s
         self.fail: str | None = None
+        self.key: str | None = None
+        self.auth_seen: list[str | None] = []
         self.requests: list[tuple[str, Any]] = []
         self.inflight: dict[int, int] = {}
         self.max_concurrent_long = 0
@@ -58,7 +63,7 @@ class FakeWorker:
         self.url = ""
 
     async def start(self, port: int = 0) -> str:
-        app = web.Application()
+        app = web.Application(middlewares=[self._check_key])
         for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
             app.router.add_post(path, self.generate)
         app.router.add_get("/v1/models", self.models)
@@ -75,6 +80,14 @@ class FakeWorker:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    @web.middleware
+    async def _check_key(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        header = request.headers.get("Authorization")
+        self.auth_seen.append(header)
+        if self.key and request.path != "/health" and header != f"Bearer {self.key}":
+            return web.json_response({"error": {"message": "bad key"}}, status=401)
+        return await handler(request)
 
     # -- endpoints ---------------------------------------------------------------------
     async def health(self, _r: web.Request) -> web.Response:
@@ -125,6 +138,8 @@ class FakeWorker:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append((request.path, body))
+        if self.fail == "unavailable":
+            return web.json_response({"error": "out of service: test"}, status=503)
         if self.fail == "drop":
             assert request.transport is not None
             request.transport.abort()
@@ -252,11 +267,12 @@ class Harness(NamedTuple):
 
 
 @contextlib.asynccontextmanager
-async def harness(*workers: FakeWorker, policy: str = "gyges") -> AsyncIterator[Harness]:
+async def harness(*workers: FakeWorker, policy: str = "gyges",
+                  **overrides: Any) -> AsyncIterator[Harness]:
     """Start the fakes, a router in front of them and a client session; stop all at the end."""
     async with (
         fake_workers(*workers) as urls,
-        running_router(urls, policy) as (url, router),
+        running_router(urls, policy, **overrides) as (url, router),
         aiohttp.ClientSession() as session,
     ):
         yield Harness(url, router, urls, session)

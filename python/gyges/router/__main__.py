@@ -1,4 +1,5 @@
-"""CLI: python -m gyges.router --worker-urls URL [URL ...] --host H --port P [--policy P]."""
+"""CLI: python -m gyges.router --worker-urls URL [URL ...] --host H --port P [--policy P]
+[--api-key K] [--admin-api-key A] [--worker-api-key W] [--tokenizer-path PATH]."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Sequence
 
 import uvloop
 from aiohttp import web
 
 from gyges.router.app import RouterConfig, build_app
+from gyges.router.auth import RouterKeys
+from gyges.router.need import TokenizerError, load_tokenizer
 from gyges.router.policy import POLICIES
 from gyges.router.workers import HealthConfig
 
@@ -73,8 +77,26 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         default=4.0,
         help="prompt-length estimate for text prompts (no tokenizer in the router)",
     )
+    p.add_argument("--tokenizer-path", default=None,
+                   help="the model's tokenizer (directory or hub id): exact prompt lengths "
+                   "instead of --chars-per-token; unloadable is a startup error")
+    p.add_argument("--api-key", default=None,
+                   help="key clients must present (Authorization: Bearer) on request routes")
+    p.add_argument("--admin-api-key", default=None,
+                   help="key for /workers changes and the router's /gyges/status (without "
+                   "it, --api-key opens them; with neither they are open, as in SGLang)")
+    p.add_argument("--worker-api-key", default=None,
+                   help="key the router presents to workers on everything it sends them, in "
+                   "place of the client's")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
+    tokenizer = None
+    if a.tokenizer_path is not None:
+        try:
+            tokenizer = load_tokenizer(a.tokenizer_path)
+        except TokenizerError as e:
+            print(f"{p.prog}: error: {e}", file=sys.stderr)
+            sys.exit(2)
     logging.basicConfig(
         level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -94,6 +116,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         connect_timeout_s=a.connect_timeout_secs,
         request_timeout_s=a.request_timeout_secs,
         chars_per_token=a.chars_per_token,
+        keys=RouterKeys(a.api_key, a.admin_api_key, a.worker_api_key),
+        tokenizer=tokenizer,
     )
 
 
@@ -101,6 +125,10 @@ async def serve(config: RouterConfig) -> None:
     """Run the router until SIGINT or SIGTERM."""
     runner = web.AppRunner(build_app(config), access_log=None)
     await runner.setup()
+    if not (config.keys.admin_api_key or config.keys.api_key) and config.host not in (
+            "127.0.0.1", "localhost", "::1"):
+        logger.warning("no --admin-api-key: anyone who reaches %s:%d can register workers "
+                       "(and receive prompts)", config.host, config.port)
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
     logger.info(

@@ -11,6 +11,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gyges.router.auth import RouterKeys, auth_middleware
+from gyges.router.metrics import CONTENT_TYPE, RouterMetrics
 from gyges.router.need import NeedEstimator
 from gyges.router.policy import POLICIES, place
 from gyges.router.proxy import Chooser, NoWorkerError, forward_with_retry, pick_any
@@ -35,6 +37,8 @@ class RouterConfig:
     connect_timeout_s: float = 5.0
     request_timeout_s: float | None = None
     chars_per_token: float = 4.0
+    keys: RouterKeys = field(default_factory=RouterKeys)
+    tokenizer: object = None  # loaded from --tokenizer-path: exact prompt lengths
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -52,8 +56,9 @@ class Router:
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
-        self.registry = WorkerRegistry()
-        self.estimator = NeedEstimator(config.chars_per_token)
+        self.metrics = RouterMetrics()
+        self.registry = WorkerRegistry(self.metrics)
+        self.estimator = NeedEstimator(config.chars_per_token, config.tokenizer)
         self.session: aiohttp.ClientSession | None = None
         self.monitor: HealthMonitor | None = None
         self._rr_counter = 0
@@ -64,7 +69,8 @@ class Router:
     async def start(self, _app: web.Application) -> None:
         connector = aiohttp.TCPConnector(limit=0)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        self.monitor = HealthMonitor(self.registry, self.session, self.config.health)
+        self.monitor = HealthMonitor(self.registry, self.session, self.config.health,
+                                     self.config.keys.worker_headers())
         await self.monitor.probe_all()
         self.monitor.start()
         healthy = sum(1 for w in self.registry.workers() if w.healthy)
@@ -96,6 +102,7 @@ class Router:
                 return None
             self._rr_counter += 1
             chosen = workers[placement.worker_id]
+            self.metrics.placed(placement.reason, chosen.url, placement.long)
             if placement.long:
                 logger.info("long request (need %d) -> %s: %s", need, chosen.url,
                             placement.reason)
@@ -122,8 +129,11 @@ class Router:
                 503, "no workers registered; add one with POST /workers", "no_worker"
             )
         try:
+            authorization = self.config.keys.forward_authorization(
+                request.headers.get("Authorization"))
             return await forward_with_retry(
-                request, body, self.session, self.registry, choose, need, self._timeout()
+                request, body, self.session, self.registry, choose, need, self._timeout(),
+                authorization,
             )
         except NoWorkerError as e:
             return error_response(503, str(e), "no_worker")
@@ -138,6 +148,11 @@ class Router:
 
     async def status(self, _request: web.Request) -> web.Response:
         return web.json_response(aggregate(self.registry, self.config.policy))
+
+    async def metrics_view(self, _request: web.Request) -> web.Response:
+        """The router's own Prometheus metrics (not the workers')."""
+        return web.Response(body=self.metrics.render(),
+                            headers={"Content-Type": CONTENT_TYPE})
 
     # -- worker API (sglang-router compatible) ---------------------------------------------
     async def add_worker(self, request: web.Request) -> web.Response:
@@ -229,7 +244,8 @@ ROUTER_KEY = web.AppKey("router", Router)
 def build_app(config: RouterConfig) -> web.Application:
     """The router application; workers from `config` are probed when it starts."""
     router = Router(config)
-    app = web.Application(middlewares=[json_errors], client_max_size=64 * 1024**2)
+    app = web.Application(middlewares=[json_errors, auth_middleware(config.keys)],
+                          client_max_size=64 * 1024**2)
     app[ROUTER_KEY] = router
     app.on_startup.append(router.start)
     app.on_cleanup.append(router.stop)
@@ -239,6 +255,7 @@ def build_app(config: RouterConfig) -> web.Application:
         app.router.add_get(path, router.passthrough)
     app.router.add_get("/v1/models/{model:.+}", router.passthrough)
     app.router.add_get(STATUS_PATH, router.status)
+    app.router.add_get("/metrics", router.metrics_view)
     app.router.add_post("/workers", router.add_worker)
     app.router.add_get("/workers", router.list_workers)
     app.router.add_get("/workers/{worker_id:.+}", router.get_worker)

@@ -1,9 +1,9 @@
-"""Estimate a request's token need (prompt + max new tokens) from its JSON body, no tokenizer.
+"""A request's token need (prompt + max new tokens) from its JSON body.
 
-The router imports no SGLang and loads no tokenizer, so prompt lengths are estimated: token-id
-lists count exactly, text counts `len(text) / chars_per_token` (4 fits English BPE; pass the
-ratio of your tokenizer with --chars-per-token). For a batch (/generate with a list of prompts)
-the need of its largest member is returned: that decides where the batch fits.
+Token-id lists count exactly. Text is counted exactly with the model's tokenizer when the
+router is given one (``--tokenizer-path``; chat messages through its chat template), else
+estimated as `len(text) / chars_per_token` (4 fits English BPE). For a batch (/generate with a
+list of prompts) the need of its largest member is returned: that decides where the batch fits.
 """
 
 from __future__ import annotations
@@ -18,13 +18,33 @@ DEFAULT_MAX_NEW_TOKENS = {"/generate": 128, "/v1/completions": 16, "/v1/chat/com
 CHAT_TOKENS_PER_MESSAGE = 4  # role markers of a chat template
 
 
+class TokenizerError(ValueError):
+    """The tokenizer path cannot be loaded (a startup error of the router)."""
+
+
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer at `path` (a local directory, or a hub id reachable from here)."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=os.path.isdir(path))
+    except Exception as e:  # noqa: BLE001 - any failure to load is the same startup error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TokenizerError(f"cannot load the tokenizer at {path!r}: {first}") from e
+
+
 @dataclass(frozen=True)
 class NeedEstimator:
     """Estimates `need` = prompt tokens + max new tokens of one request."""
 
     chars_per_token: float = 4.0
+    tokenizer: Any = None  # a Hugging Face tokenizer: exact text lengths
 
     def text_tokens(self, text: str) -> int:
+        if self.tokenizer is not None:
+            return len(self.tokenizer.encode(text))
         return math.ceil(len(text) / self.chars_per_token)
 
     def prompt_tokens(self, prompt: Any) -> list[int]:
@@ -40,6 +60,15 @@ class NeedEstimator:
     def chat_tokens(self, messages: Any) -> int:
         if not isinstance(messages, list):
             return 0
+        if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
+            try:
+                ids = self.tokenizer.apply_chat_template(messages, tokenize=True,
+                                                         add_generation_prompt=True)
+                if not isinstance(ids, list):  # a BatchEncoding (newer transformers)
+                    ids = ids["input_ids"]
+                return len(ids)
+            except Exception:  # noqa: BLE001 - odd messages: count them part by part
+                pass
         total = 0
         for message in messages:
             if not isinstance(message, dict):

@@ -1,7 +1,8 @@
 """Forwarding one HTTP request to a worker: bodies byte for byte, event streams chunk by chunk.
 
 Retry rule: a request is retried on another worker as long as its client has not received a
-byte. Plain responses are read whole before anything is sent, so a worker dying at any point
+byte (a worker answering 503, out of service, counts as failing before the first byte). Plain
+responses are read whole before anything is sent, so a worker dying at any point
 of a non-streaming request is retried; an event stream is committed once its first chunk has
 been passed on, and a worker dying after that ends the stream with an SSE error event.
 """
@@ -62,10 +63,12 @@ async def forward_with_retry(
     choose: Chooser,
     need: int | None,
     timeout: aiohttp.ClientTimeout,
+    authorization: str | None = None,
 ) -> web.StreamResponse:
     """Forward to `choose(tried)`'s worker; on UpstreamUnavailable take it out and choose again.
 
     `need` (tokens) is booked on the worker while the request is in flight; None books nothing.
+    `authorization` replaces the client's ``Authorization`` header (None: sent without one).
     Raises NoWorkerError when no worker is left to try.
     """
     tried: set[str] = set()
@@ -75,9 +78,11 @@ async def forward_with_retry(
         tried.add(worker.id)
         ticket = registry.begin(worker, need, long) if need is not None else None
         try:
-            return await forward_once(request, body, session, worker, timeout, registry)
+            return await forward_once(request, body, session, worker, timeout, registry,
+                                      authorization)
         except UpstreamUnavailable as e:
             registry.mark_unreachable(worker, str(e))
+            registry.metrics.retries.labels(worker.url).inc()
             errors.append(f"{worker.url}: {e}")
             logger.warning("retrying %s elsewhere: %s failed: %s", request.path, worker.url, e)
         finally:
@@ -96,9 +101,13 @@ async def forward_once(
     worker: Worker,
     timeout: aiohttp.ClientTimeout,
     registry: WorkerRegistry,
+    authorization: str | None = None,
 ) -> web.StreamResponse:
     """Proxy one request to one worker; raises UpstreamUnavailable before the first byte out."""
     headers = _filter_headers(request.headers)
+    headers.popall("Authorization", None)
+    if authorization is not None:
+        headers["Authorization"] = authorization
     try:
         resp = await session.request(
             request.method,
@@ -111,6 +120,12 @@ async def forward_once(
     except UPSTREAM_ERRORS as e:
         raise UpstreamUnavailable(f"{type(e).__name__}: {e}") from e
     async with resp:
+        if resp.status == 503:  # out of service (a failed transformation) or shutting down
+            try:
+                text = (await resp.text(errors="replace"))[:200]
+            except UPSTREAM_ERRORS:
+                text = ""
+            raise UpstreamUnavailable(f"answered HTTP 503: {text}")
         out_headers = _filter_headers(resp.headers)
         if resp.content_type != "text/event-stream":
             try:
@@ -133,7 +148,8 @@ async def forward_once(
             try:
                 chunk = await resp.content.readany()
             except UPSTREAM_ERRORS as e:
-                registry.mark_unreachable(worker, f"failed mid-stream: {type(e).__name__}: {e}")
+                registry.mark_unreachable(worker, f"failed mid-stream: {type(e).__name__}: {e}",
+                                          "mid_stream")
                 await _write_quietly(out, _sse_error(f"worker {worker.url} failed mid-stream"))
                 break
         await out.write_eof()

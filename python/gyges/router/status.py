@@ -48,7 +48,8 @@ def parse_host_status(obj: Any) -> HostStatus:
 
 
 async def fetch_host_status(
-    session: aiohttp.ClientSession, url: str, timeout_s: float
+    session: aiohttp.ClientSession, url: str, timeout_s: float,
+    headers: dict[str, str] | None = None,
 ) -> tuple[HostStatus | None, Any]:
     """GET url/gyges/status -> (parsed status, raw JSON); (None, None) for a stock server (404).
 
@@ -56,9 +57,12 @@ async def fetch_host_status(
     StatusFormatError when the body is not a valid status.
     """
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with session.get(url + STATUS_PATH, timeout=timeout) as resp:
+    async with session.get(url + STATUS_PATH, timeout=timeout, headers=headers) as resp:
         if resp.status == 404:
             return None, None
+        if resp.status == 401:
+            raise StatusFormatError(f"{STATUS_PATH} answered HTTP 401: the worker has keys; "
+                                    "start the router with --worker-api-key")
         if resp.status != 200:
             raise StatusFormatError(f"{STATUS_PATH} answered HTTP {resp.status}")
         try:
@@ -68,11 +72,12 @@ async def fetch_host_status(
     return parse_host_status(raw), raw
 
 
-async def refresh_status(session: aiohttp.ClientSession, worker: Worker, timeout_s: float) -> None:
+async def refresh_status(session: aiohttp.ClientSession, worker: Worker, timeout_s: float,
+                         headers: dict[str, str] | None = None) -> None:
     """Fetch one worker's status; on failure keep the previous snapshot and note the error."""
     sent_at = time.monotonic()
     try:
-        status, raw = await fetch_host_status(session, worker.url, timeout_s)
+        status, raw = await fetch_host_status(session, worker.url, timeout_s, headers)
     except (aiohttp.ClientError, asyncio.TimeoutError, StatusFormatError) as e:
         worker.status_error = f"{type(e).__name__}: {e}"
         return

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from gyges.router.metrics import RouterMetrics
 from gyges.router.policy import HostStatus, HostView
 from gyges.router.status import refresh_status
 
@@ -111,9 +112,10 @@ class Worker:
 class WorkerRegistry:
     """The set of workers, in registration order, with request book-keeping."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: RouterMetrics | None = None) -> None:
         self._workers: dict[str, Worker] = {}
         self._tickets = itertools.count()
+        self.metrics = metrics or RouterMetrics()
 
     def add(self, url: str) -> Worker:
         """Register `url` (normalised, no trailing slash); ValueError if already registered."""
@@ -144,6 +146,7 @@ class WorkerRegistry:
         return [w for w in self._workers.values() if w.healthy and w.id not in exclude]
 
     def begin(self, worker: Worker, need: int, long: bool) -> int:
+        self.metrics.requests.labels(worker.url).inc()
         ticket = next(self._tickets)
         worker.inflight[ticket] = Ticket(need, long, time.monotonic())
         if long:
@@ -157,9 +160,11 @@ class WorkerRegistry:
     def end(worker: Worker, ticket: int) -> None:
         worker.finish(ticket)
 
-    @staticmethod
-    def mark_unreachable(worker: Worker, error: str) -> None:
-        """Take a worker out at once (a request could not reach it); health checks bring it back."""
+    def mark_unreachable(self, worker: Worker, error: str, kind: str = "request") -> None:
+        """Take a worker out at once (a request could not reach it, or it broke a stream:
+        ``kind`` ``request`` or ``mid_stream``); health checks bring it back."""
+        self.metrics.failed(worker.url, kind)
+        self.metrics.healthy.labels(worker.url).set(0)
         if worker.healthy:
             logger.warning("worker %s taken out: %s", worker.url, error)
         worker.healthy = False
@@ -183,9 +188,11 @@ class HealthMonitor:
     """Periodically probes every worker's health endpoint and polls healthy workers' status."""
 
     def __init__(
-        self, registry: WorkerRegistry, session: aiohttp.ClientSession, config: HealthConfig
+        self, registry: WorkerRegistry, session: aiohttp.ClientSession, config: HealthConfig,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.registry, self.session, self.config = registry, session, config
+        self.headers = headers or {}  # the worker key, if any
         self._tasks: list[asyncio.Task[None]] = []
 
     async def probe(self, worker: Worker) -> bool:
@@ -193,21 +200,28 @@ class HealthMonitor:
         cfg = self.config
         try:
             timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
-            async with self.session.get(worker.url + cfg.endpoint, timeout=timeout) as resp:
+            async with self.session.get(worker.url + cfg.endpoint, timeout=timeout,
+                                        headers=self.headers) as resp:
                 ok, error = resp.status == 200, f"health check answered HTTP {resp.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             ok, error = False, f"health check failed: {type(e).__name__}: {e}"
+        metrics = self.registry.metrics
+        if self.registry.find(worker.id) is not worker:  # removed meanwhile
+            return False
         if ok:
             if not worker.healthy:
                 logger.info("worker %s is healthy", worker.url)
             worker.healthy, worker.consecutive_failures = True, 0
-            await refresh_status(self.session, worker, cfg.status_timeout_s)
+            metrics.healthy.labels(worker.url).set(1)
+            await refresh_status(self.session, worker, cfg.status_timeout_s, self.headers)
             return True
+        metrics.failed(worker.url, "health")
         worker.consecutive_failures += 1
         worker.last_error = error
         if worker.healthy and worker.consecutive_failures >= cfg.failure_threshold:
             logger.warning("worker %s is unhealthy: %s", worker.url, error)
             worker.healthy = False
+        metrics.healthy.labels(worker.url).set(1 if worker.healthy else 0)
         return worker.healthy
 
     async def probe_all(self) -> None:
@@ -228,7 +242,8 @@ class HealthMonitor:
     async def _poll_status(self) -> None:
         healthy = [w for w in self.registry.workers() if w.healthy]
         timeout = self.config.status_timeout_s
-        await asyncio.gather(*(refresh_status(self.session, w, timeout) for w in healthy))
+        await asyncio.gather(*(refresh_status(self.session, w, timeout, self.headers)
+                               for w in healthy))
 
     @staticmethod
     async def _every(interval_s: float, job: Callable[[], Awaitable[None]]) -> None:
