@@ -24,6 +24,8 @@ from gyges.hooks import (
 def load() -> None:
     reg = HookRegistry.register
     reg(f"{server_args.TARGET}.add_cli_args", server_args.add_cli_args, HookType.AFTER)
+    reg(f"{server_args.TARGET}.from_cli_args", server_args.before_from_cli_args,
+        HookType.BEFORE)
     reg(f"{server_args.TARGET}.from_cli_args", server_args.from_cli_args, HookType.AFTER)
     reg(http_server.TARGET, http_server.before_setup_and_run_http_server, HookType.BEFORE)
     reg(f"{data_parallel_controller.TARGET}.init_dispatcher",

@@ -158,3 +158,37 @@ def test_sglang_bench_serving_client(llama_gyges, tmp_path):
     result = json.loads(out.read_text().strip().splitlines()[-1])
     assert result["completed"] == 8
     assert result["total_output_tokens"] == 8 * 8
+
+
+REFUSED = [("mixtral", "MixtralForCausalLM", "MoE experts are not padded yet"),
+           ("qwen3_moe", "Qwen3MoeForCausalLM", "MoE experts are not padded yet"),
+           ("gemma2", "Gemma2ForCausalLM", "sliding windows"),
+           ("llama4", "Llama4ForConditionalGeneration", "layers without a dense MLP")]
+
+
+def _config_dir(tmp_path, model_type: str, arch: str) -> str:
+    """A model directory holding only the config.json transformers writes for model_type:
+    the check must refuse it before anything else is read."""
+    from transformers import AutoConfig
+
+    path = tmp_path / model_type
+    AutoConfig.for_model(model_type, architectures=[arch]).save_pretrained(path)
+    return str(path)
+
+
+def test_unsupported_architectures_are_refused_before_loading(tmp_path):
+    cases = [["--model-path", _config_dir(tmp_path, t, a), "--device", "cpu",
+              "--enable-gyges", "--dp-size", "2"] for t, a, _ in REFUSED]
+    proc = subprocess.run([sys.executable, "-c", _PARSE_EACH, json.dumps(cases)],
+                          env=cpu_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (model_type, _, why), (code, err) in zip(REFUSED, results, strict=True):
+        assert code == 2, (model_type, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and why in lines[0] and "drop --enable-gyges" in lines[0], err
+    # through launch_server too: exit 2, one line, no traceback
+    cmd = [sys.executable, "-m", "sglang.launch_server", *cases[0]]
+    proc = subprocess.run(cmd, env=cpu_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert REFUSED[0][2] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from gyges.config import DEFAULT_GRANULE_BYTES, POLICIES, GygesConfig, GygesConfigError
+from gyges.core.architectures import UnsupportedArchitecture, check_architecture
 
 TARGET = "sglang.srt.server_args.ServerArgs"
 ATTR = "_gyges"
@@ -30,6 +31,22 @@ def add_cli_args(_result: None, parser: argparse.ArgumentParser) -> None:
                    help="Allocation granule of padded MLP weight shards (bytes).")
     g.add_argument("--gyges-split-hold-down", type=float, default=5.0,
                    help="Seconds a merged instance must hold no long request before it splits.")
+
+
+def before_from_cli_args(_cls: type, args: argparse.Namespace) -> None:
+    """Refuse an architecture Gyges cannot transform before SGLang builds anything (exit 2,
+    one line); a model path without a local config.json is refused by ``from_cli_args``."""
+    if not getattr(args, "enable_gyges", False):
+        return
+    path = os.path.join(args.model_path, "config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            check_architecture(json.load(f))
+    except (UnsupportedArchitecture, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def from_cli_args(result: Any, _cls: type, args: argparse.Namespace) -> None:

@@ -1,0 +1,40 @@
+"""The startup check of the architecture (``gyges.core.architectures``)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gyges.core.architectures import SUPPORTED, UnsupportedArchitecture, check_architecture
+from gyges.testing.server import tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_the_tiny_models_pass(arch):
+    cfg = json.loads((tiny_model(arch=arch) / "config.json").read_text())
+    assert check_architecture(cfg) in SUPPORTED
+
+
+@pytest.mark.parametrize("config, why", [
+    ({"architectures": ["MixtralForCausalLM"]}, "MoE experts are not padded yet"),
+    ({"architectures": ["Qwen3MoeForCausalLM"]}, "MoE experts are not padded yet"),
+    ({"architectures": ["Llama4ForConditionalGeneration"]}, "layers without a dense MLP"),
+    ({"architectures": ["Gemma2ForCausalLM"]}, "sliding windows"),
+    ({"architectures": ["FooForCausalLM"]}, "not covered yet"),
+    ({}, "exactly one architecture"),
+    ({"architectures": ["LlamaForCausalLM"], "num_local_experts": 8}, "num_local_experts"),
+    ({"architectures": ["LlamaForCausalLM"], "attention_bias": True}, "o_proj with a bias"),
+    ({"architectures": ["LlamaForCausalLM"], "mlp_bias": True}, "mlp_bias"),
+    ({"architectures": ["Qwen2ForCausalLM"], "hidden_act": "gelu"}, "SiLU"),
+])
+def test_refusals_are_one_line_with_the_flag_to_drop(config, why):
+    with pytest.raises(UnsupportedArchitecture) as e:
+        check_architecture(config)
+    msg = str(e.value)
+    assert why in msg and "drop --enable-gyges" in msg and "\n" not in msg, msg
+
+
+def test_qwen2_attention_bias_is_fine():
+    # Qwen2's qkv bias is resharded; only Llama's attention_bias adds an o_proj bias
+    assert check_architecture({"architectures": ["Qwen2ForCausalLM"],
+                               "attention_bias": True}) == "Qwen2ForCausalLM"
