@@ -5,7 +5,8 @@
   is ordinary and shows process ids to admins only; bodies over 64 KiB get 413.
 - An over-full merge (issue 12 case 1): two replicas with 6 request rows each run 12
   streams; the merged instance would have 6 rows, so the vote refuses it (409, before any
-  KV moves) and every stream finishes exactly; the server keeps serving.
+  KV moves) and every stream finishes exactly; the server keeps serving. (If the machine
+  is so loaded that at most 6 still run at the vote, the merge absorbs them, exactly.)
 """
 from __future__ import annotations
 
@@ -82,10 +83,17 @@ def test_over_full_merge_is_refused_and_streams_finish_exactly(both_keys):
     threads, got = start_streams(url, prompts, NEW, min_chunks=2, headers=user)
     r = requests.post(url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120,
                       headers=_bearer(ADMIN))
-    # the refusal names how many requests ran at the vote: more than 6 met the merge
-    assert r.status_code == 409 and "request rows" in r.json()["error"], r.text
-    running = int(r.json()["error"].split(" would run ")[1].split()[0])
-    assert running > 6, r.text
+    if r.status_code == 409:
+        # the refusal names how many requests ran at the vote: more than 6 met the merge
+        assert "request rows" in r.json()["error"], r.text
+        running = int(r.json()["error"].split(" would run ")[1].split()[0])
+        assert running > 6, r.text
+    else:  # fewer than 7 still ran at the vote (a loaded machine): absorbed, exactly
+        assert r.status_code == 200, r.text
+        assert 1 <= r.json()["requests_moved"]["running"] <= 6, r.text
+        r = requests.post(url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120,
+                          headers=_bearer(ADMIN))
+        assert r.status_code == 200, r.text
     for t in threads:
         t.join(timeout=300)
     for i, want in enumerate(ref):

@@ -9,7 +9,7 @@ from gyges.core.architectures import SUPPORTED, UnsupportedArchitecture, check_a
 from gyges.testing.server import tiny_model
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
 def test_the_tiny_models_pass(arch):
     cfg = json.loads((tiny_model(arch=arch) / "config.json").read_text())
     assert check_architecture(cfg) in SUPPORTED
@@ -26,6 +26,7 @@ def test_the_tiny_models_pass(arch):
     ({"architectures": ["LlamaForCausalLM"], "attention_bias": True}, "o_proj with a bias"),
     ({"architectures": ["LlamaForCausalLM"], "mlp_bias": True}, "mlp_bias"),
     ({"architectures": ["Qwen2ForCausalLM"], "hidden_act": "gelu"}, "SiLU"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, "sliding_window"),
 ])
 def test_refusals_are_one_line_with_the_flag_to_drop(config, why):
     with pytest.raises(UnsupportedArchitecture) as e:

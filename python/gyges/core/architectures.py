@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+             "Qwen3ForCausalLM")
 
 # Why some architectures people serve are refused (the rest: "not covered yet").
 REASONS = {
@@ -29,7 +30,6 @@ REASONS = {
     "Gemma2ForCausalLM": "Gemma2's MLP, soft-capping and sliding windows are not covered yet",
     "Gemma3ForCausalLM": "Gemma3's MLP and sliding windows are not covered yet",
     "Gemma3ForConditionalGeneration": "Gemma3's MLP and sliding windows are not covered yet",
-    "MistralForCausalLM": "not tested with transformations yet",
     "Phi3ForCausalLM": "not tested with transformations yet",
 }
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
@@ -55,6 +55,8 @@ def check_architecture(config: Mapping[str, Any]) -> str:
         raise _refuse(arch, f"MoE experts are not padded yet ({moe[0]} is set)")
     if text.get("attention_bias") and arch == "LlamaForCausalLM":
         raise _refuse(arch, "o_proj with a bias is not supported yet (attention_bias)")
+    if text.get("sliding_window") and arch == "MistralForCausalLM":
+        raise _refuse(arch, "sliding-window attention is not covered yet (sliding_window)")
     if text.get("mlp_bias"):
         raise _refuse(arch, "MLP biases are not padded yet (mlp_bias)")
     act = text.get("hidden_act") or text.get("hidden_activation") or "silu"

@@ -202,6 +202,9 @@ class GroupMember:
             built, mine = None, Ballot(False, f"rank {self.rank}: {type(e).__name__}: {e}")
         ballots = self._vote(group, op, mine)
         if len({b.payload for b in ballots}) != 1:
+            logger.error("gyges: rank %d: %s plans differ: digests %s; this member's "
+                         "inputs: %s", self.rank, op, [b.payload.hex() for b in ballots],
+                         _plan_inputs(built))
             raise Refused("members computed different transfer plans (a bug: please "
                           "report it)", retry=False)
         return built
@@ -247,6 +250,13 @@ class GroupMember:
         def build() -> tuple[Any, list[migration.Work]]:
             works = [work if i // k_old == half else migration.from_bytes(ballots[i].payload)
                      for i in range(0, k, k_old)]
+            sent = migration.from_bytes(ballots[half * k_old].payload)
+            if _rows_of(sent) != _rows_of(work):  # what peers plan with is not what we hold
+                logger.error("gyges: rank %d: requests sent %s, held %s", self.rank,
+                             [(q, len(x), sum(x)) for q, x in _rows_of(sent)],
+                             [(q, len(x), sum(x)) for q, x in _rows_of(work)])
+                raise Refused(f"rank {self.rank}: its requests changed while the group "
+                              "voted (a bug: please report it)", retry=False)
             running, rows = sum(len(w.running) for w in works), s.req_to_token_pool.size
             if running > rows:
                 raise Refused(f"the merged instance would run {running} requests but has "
@@ -415,6 +425,21 @@ def _raiser(reason: str | None) -> Any:
     def handler(_msg: Message) -> Message:
         raise TransformationFailed(f"out of service: {reason}")
     return handler
+
+
+def _rows_of(work: migration.Work) -> list[tuple[str, list[int]]]:
+    return [(str(req.rid), row.tolist()) for req, row in zip(work.running, work.rows,
+                                                             strict=True)]
+
+
+def _plan_inputs(built: Any) -> str:
+    """What a member planned from, for the log when members' plans differ."""
+    plan, rest = built[0], built[1:]
+    works = [w for w in rest[-1] if isinstance(w, migration.Work)] if rest and \
+        isinstance(rest[-1], list) else []
+    summary = [(len(w.running), len(w.waiting), [(len(r), int(r.sum())) for r in w.rows])
+               for w in works]
+    return f"{len(plan.moves)} moves, group {plan.group_ranks}, works {summary}"
 
 
 def _storages_by_layer(pool: Any) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-ARCHES = ("llama", "qwen2", "qwen3")
+ARCHES = ("llama", "qwen2", "qwen3", "mistral")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -121,8 +121,10 @@ def build_config(spec: TinyModelSpec, tokenizer):
         "llama": transformers.LlamaConfig,
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
+        "mistral": transformers.MistralConfig,
     }[spec.arch]
-    cfg = cls(**common)
+    extra = {"sliding_window": None} if spec.arch == "mistral" else {}
+    cfg = cls(**common, **extra)
     cfg.torch_dtype = spec.dtype
     return cfg
 

@@ -1,0 +1,34 @@
+"""Live merge and split of the other accepted architectures (Qwen2: qkv bias; Qwen3:
+QK-norm; Mistral: SGLang's Llama subclass, no sliding window), dp 2, streams in flight:
+outputs equal stock SGLang on one replica, token for token, and the transformation met
+live work (``requests_moved``)."""
+from __future__ import annotations
+
+import pytest
+import requests
+
+from gyges.testing.clients import start_streams, stream_generate
+from gyges.testing.server import SGLangServer, tiny_model
+
+PROMPTS = [[(13 * i + 7 * j) % 400 + 5 for j in range(n)] for i, n in enumerate((11, 30, 6, 45))]
+NEW_TOKENS = 400
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_merge_and_split_with_streams_equal_stock(arch):
+    model = tiny_model(arch=arch, heads=4, kv_heads=2)
+    with SGLangServer(model) as stock:
+        want = [stream_generate(stock.url, p, NEW_TOKENS)[-1]["output_ids"] for p in PROMPTS]
+    with SGLangServer(model, dp_size=2, gyges=True) as srv:
+        threads, got = start_streams(srv.url, PROMPTS, NEW_TOKENS, min_chunks=3)
+        r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["requests_moved"]["running"] >= 2, r.json()["requests_moved"]
+        r = requests.post(srv.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["requests_moved"]["running"] >= 1, r.json()["requests_moved"]
+        for t in threads:
+            t.join(timeout=300)
+        for i, w in enumerate(want):
+            assert got[i][-1]["output_ids"] == w, f"{arch} stream {i} differs from stock"
+            assert got[i][-1]["meta_info"]["num_retractions"] == 0
