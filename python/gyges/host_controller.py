@@ -215,8 +215,9 @@ class HostController:
                                    else max((i["capacity_tokens"] for i in instances),
                                             default=0)),
             "instances": instances,
-            "transformation": None if running is None else {"op": running.kind,
-                                                             "ranks": list(running.ranks)},
+            "transformation": None if running is None else {
+                "op": running.kind, "ranks": list(running.ranks),
+                "held_by": {str(r): why for r, why in self.transformer.held_by.items()}},
             "scheduler": scheduler if scheduler is not None else {
                 "policy": None, "reason": self.scheduler_off_reason},
             "comm_pool": {"ready_ranks": sorted(pool_ms),

@@ -59,12 +59,16 @@ def post_generate(url: str, body: dict) -> dict:
 
 
 def test_abort_of_a_request_held_for_a_merge(srv):
-    """A long request waits while its group cannot merge (a running request with penalties,
-    whose state does not move); aborting it answers the client once the merge is done,
-    without serving it."""
+    """A long request waits while its group cannot merge (a running request of a session,
+    whose state does not move; /gyges/status says so); aborting it answers the client once
+    the merge is done, without serving it."""
+    r = requests.post(srv.url + "/open_session", json={"capacity_of_str_len": 4096},
+                      timeout=30)
+    assert r.status_code == 200, r.text
+    sid = r.json()
     with ThreadPoolExecutor(2) as pool:
         blocker = pool.submit(post_generate, srv.url, {
-            "input_ids": [7, 8, 9], "sampling_params": {
+            "input_ids": [7, 8, 9], "session_params": {"id": sid}, "sampling_params": {
                 "max_new_tokens": 300, "ignore_eos": True, "frequency_penalty": 0.1}})
         time.sleep(1.0)
         # 900 prompt + 300 new > one replica's 1016 usable slots: it needs TP2.
@@ -78,6 +82,12 @@ def test_abort_of_a_request_held_for_a_merge(srv):
         st = status(srv.url)["scheduler"]
         assert st["reserved"][0]["ranks"] == [0, 1] and st["reserved"][0]["for"] == \
             "gyges-held-long"
+        held_by: dict = {}
+        while not held_by:  # what holds the merge, with the request and why
+            assert time.monotonic() < deadline + 30 and not held.done()
+            held_by = (status(srv.url)["transformation"] or {}).get("held_by") or {}
+            time.sleep(0.1)
+        assert any("session" in why for why in held_by.values()), held_by
         r = requests.post(srv.url + "/abort_request", json={"rid": "gyges-held-long"},
                           timeout=30)
         assert r.status_code == 200
@@ -85,6 +95,7 @@ def test_abort_of_a_request_held_for_a_merge(srv):
         assert out["meta_info"]["finish_reason"]["type"] == "abort", out
         assert out["meta_info"]["completion_tokens"] == 0
         assert blocker.result(timeout=120)["meta_info"]["completion_tokens"] == 300
+    requests.post(srv.url + "/close_session", json={"session_id": sid}, timeout=30)
     st = status(srv.url)["scheduler"]
     assert st["pending"] == [] and st["reserved"] == []
     assert any(d["decision"] == "aborted" for d in st["decisions"])

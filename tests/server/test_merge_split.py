@@ -156,13 +156,16 @@ def prometheus(url: str) -> dict[str, float]:
 
 
 def test_busy_group_waits_and_second_transformation_gets_409(srv, baseline):
-    """A request whose state cannot move (penalties) holds the merge until it ends; meanwhile
-    a second merge gets 409 and an abort still reaches the replica."""
+    """A request whose state cannot move (a session's) holds the merge until it ends;
+    meanwhile /gyges/status says why, a second merge gets 409 and an abort still reaches
+    the replica."""
     long_out: list[dict] = []
     merged: list[requests.Response] = []
+    sid = requests.post(srv.url + "/open_session", json={"capacity_of_str_len": 4096},
+                        timeout=30).json()
     long_req = threading.Thread(target=lambda: long_out.append(requests.post(
         srv.url + "/generate", timeout=300, json={
-            "rid": "gyges-long", "input_ids": [7, 8, 9],
+            "rid": "gyges-long", "input_ids": [7, 8, 9], "session_params": {"id": sid},
             "sampling_params": {"temperature": 0, "max_new_tokens": 3000,
                                 "frequency_penalty": 0.5, "ignore_eos": True}}).json()))
     long_req.start()
@@ -173,7 +176,10 @@ def test_busy_group_waits_and_second_transformation_gets_409(srv, baseline):
         merger.start()
         time.sleep(0.5)
         st = requests.get(srv.url + "/gyges/status", timeout=30).json()
+        held_by = st["transformation"].pop("held_by")
         assert st["transformation"] == {"op": "merge", "ranks": [0, 1]}
+        assert any("gyges-long" in why and "session" in why for why in held_by.values()), \
+            held_by
         second = post(srv.url, "/gyges/merge", {"ranks": [0, 1]}, timeout=30)
         assert second.status_code == 409 and "already running" in second.json()["error"]
         assert not merged  # still waiting for the penalised request
@@ -188,6 +194,7 @@ def test_busy_group_waits_and_second_transformation_gets_409(srv, baseline):
     finally:
         requests.post(srv.url + "/abort_request", json={"rid": "gyges-long"}, timeout=30)
         long_req.join(timeout=120)
+        requests.post(srv.url + "/close_session", json={"session_id": sid}, timeout=30)
         if instances(srv.url) != [([0], 1, 0), ([1], 1, 1)]:
             split(srv.url)
 

@@ -146,6 +146,18 @@ def test_merge_waits_until_ready_then_switches_and_reroutes():
     assert state["topo"] == Topology.boot(2)
 
 
+def test_what_holds_a_transformation_is_reported_while_it_waits():
+    tr, _, _ = make(FakeBus(busy_polls=10**6), idle_timeout_s=1.0)
+    job = tr.start({"op": "merge", "ranks": [0, 1]})["job"]
+    deadline = time.monotonic() + 5
+    while not tr.held_by:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert tr.held_by == {0: "chunked prefill", 1: "chunked prefill"}
+    with pytest.raises(ControlError, match="group busy"):
+        tr.poll({"job": job, "wait_s": 5})
+
+
 def test_busy_group_gets_409_and_dispatch_resumes():
     tr, routing, state = make(FakeBus(busy_polls=10**6), idle_timeout_s=0.2)
     job = tr.start({"op": "merge", "ranks": [0, 1]})["job"]

@@ -80,6 +80,7 @@ class Transformer:
         self.get_topology, self.set_topology, self.describe = (get_topology, set_topology,
                                                                describe)
         self.idle_timeout_s = idle_timeout_s
+        self.held_by: dict[int, str] = {}  # rank -> why it is not ready, while waiting
         self.observe = observe  # (op, HTTP status, seconds, result or None) per finished job
         self.on_fatal = on_fatal  # takes the host out of service
         self.stop = stop  # why to stop waiting for members (the host is failing), or None
@@ -217,11 +218,13 @@ class Transformer:
 
     def _wait_ready(self, ranks: tuple[int, ...], t0: float) -> int:
         """Poll ``idle`` until every member reports ready; returns the number of polls."""
-        polls = 0
+        polls, self.held_by = 0, {}
         while True:
             polls += 1
             replies = self._run_bus(ranks, {"op": "idle"}, IDLE_POLL_TIMEOUT_S)
             busy = {r: x for r, x in replies.items() if not (x.get("ok") and x.get("ready"))}
+            # what holds the transformation, for /gyges/status ("request <rid>: <why>")
+            self.held_by = {r: str(x.get("why") or x.get("error")) for r, x in busy.items()}
             if not busy:
                 return polls
             if time.monotonic() - t0 > self.idle_timeout_s:

@@ -65,14 +65,15 @@ def half_pages(half: int, k: int, pages_per_replica: int) -> range:
 
 
 def plan_split(rows: Sequence[Sequence[int]], *, k: int, slots_per_replica: int,
-               page_size: int) -> SplitPlan:
+               page_size: int, reserved: Iterable[int] = ()) -> SplitPlan:
     """Assign each request (its merged slots ``rows[q]``) to one half of a degree-``k``
     instance and plan the page copies that make every request lie in its half.
 
     A request goes to the half holding more of its pages (ties: the half with fewer
     assigned pages so far), or to the other half if the first has no room for its copies;
-    raises :class:`SplitRefused` when neither has. Deterministic: every member computes
-    the same plan from the same rows."""
+    raises :class:`SplitRefused` when neither has. ``reserved``: merged pages that are
+    not free either (the prefix cache's), never a copy's destination. Deterministic: every
+    member computes the same plan from the same rows."""
     if k < 2 or k % 2:
         raise ValueError(f"cannot split degree {k}")
     if slots_per_replica % page_size:
@@ -80,7 +81,7 @@ def plan_split(rows: Sequence[Sequence[int]], *, k: int, slots_per_replica: int,
     ppr = slots_per_replica // page_size
     usable = [set(half_pages(h, k, ppr)) for h in (0, 1)]
     pages_of = [sorted({int(s) // page_size for s in row}) for row in rows]
-    occupied = set().union(*pages_of) if pages_of else set()
+    occupied = set().union(*pages_of, {int(p) for p in reserved})
     free = [sorted(usable[h] - occupied, reverse=True) for h in (0, 1)]
     mapping: list[dict[int, int]] = [{}, {}]
     load = [0, 0]

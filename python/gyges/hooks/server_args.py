@@ -49,6 +49,9 @@ def before_from_cli_args(_cls: type, args: argparse.Namespace) -> None:
         raise SystemExit(2) from None
 
 
+TREE_CORE_ENV = "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND"
+
+
 def from_cli_args(result: Any, _cls: type, args: argparse.Namespace) -> None:
     """Validate the Gyges flags and attach the frozen config; exit 2 on bad input."""
     enabled = bool(getattr(args, "enable_gyges", False))
@@ -67,6 +70,11 @@ def from_cli_args(result: Any, _cls: type, args: argparse.Namespace) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     setattr(result, ATTR, config)
+    if enabled:
+        # The prefix cache survives transformations by walking the radix tree's nodes
+        # (switch/prefix_cache); SGLang's Rust tree core exposes none, its Python core
+        # does. An explicit choice is kept (then only running requests' prefixes survive).
+        os.environ.setdefault(TREE_CORE_ENV, "python")
     if enabled and not result.disable_overlap_schedule:
         # Live merge/split moves the work of a settled step; the overlap scheduler always
         # has one step in flight (on CPU it overlaps nothing anyway).

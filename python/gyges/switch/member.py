@@ -42,6 +42,7 @@ from gyges.core.transfer_plan import plan_digest, plan_transformation
 from gyges.switch import capacity, migration, scheduler_state
 from gyges.switch import model as model_switch
 from gyges.switch.group import PooledGroupCoordinator, broadcast_json
+from gyges.switch.prefix_cache import split_cache
 from gyges.switch.protocol import (
     COMMIT_TIMEOUT_S,
     Ballot,
@@ -248,7 +249,7 @@ class GroupMember:
         slots, half = capacity.slots_per_replica(pool), r // k_old
 
         def build() -> tuple[Any, list[migration.Work]]:
-            works = [work if i // k_old == half else migration.from_bytes(ballots[i].payload)
+            works = [work if i // k_old == half else migration.receive(s, ballots[i].payload)
                      for i in range(0, k, k_old)]
             sent = migration.from_bytes(ballots[half * k_old].payload)
             if _rows_of(sent) != _rows_of(work):  # what peers plan with is not what we hold
@@ -326,21 +327,27 @@ class GroupMember:
         req_to_token = s.req_to_token_pool.req_to_token
         running = list(s.running_batch.reqs)
 
-        def build() -> tuple[Any, Any, list[torch.Tensor]]:
+        def build() -> tuple[Any, Any, list[torch.Tensor], Any]:
             rows = [req_to_token[q.kv.req_pool_idx, : int(q.kv.kv_allocated_len)].tolist()
                     for q in running]
+            cache = split_cache(s, k, slots, page)
             try:
-                split = plan_split(rows, k=k, slots_per_replica=slots, page_size=page)
+                try:
+                    split = plan_split(rows, k=k, slots_per_replica=slots, page_size=page,
+                                       reserved=cache.pages)
+                except SplitRefused:  # no room with the cache kept: requests come first
+                    cache = cache.dropped_all()
+                    split = plan_split(rows, k=k, slots_per_replica=slots, page_size=page)
             except SplitRefused as e:
                 raise Refused(str(e), retry=False) from None
             new_rows = [torch.tensor(x, dtype=torch.int64) for x in split.rows]
-            used = used_ranges_by_segment(torch.cat(new_rows) if new_rows else [], slots, k)
+            used = used_ranges_by_segment(torch.cat([*new_rows, cache.slots]), slots, k)
             plan = plan_transformation(ranks, k, k_new, pool.gyges_k_layout.num_kv_heads,
                                        used, slots_per_replica=slots)
             self._ensure_workspace(plan, pool)
-            return plan, split, new_rows
+            return plan, split, new_rows, cache
 
-        plan, split, new_rows = self._commit_vote(group, "split", build)
+        plan, split, new_rows, cache = self._commit_vote(group, "split", build)
         ph.mark("plan_ms")
         all_reqs = [*running, *s.waiting_queue]
         try:
@@ -353,7 +360,8 @@ class GroupMember:
             offset = half * k_new * slots
             work = migration.Work([running[i] for i in mine],
                                   [new_rows[i] - offset for i in mine],
-                                  [q for i, q in enumerate(s.waiting_queue) if i % 2 == half])
+                                  [q for i, q in enumerate(s.waiting_queue) if i % 2 == half],
+                                  cache.halves[half])
             runner = s.tp_worker.model_runner
             padded = model_switch.padded_weights(runner.model)
             inject("split", "weight_restore", self.rank)
@@ -390,6 +398,8 @@ class GroupMember:
         return {"tp": k_new, "phases_ms": ph.ms, "capacity_tokens": cap,
                 "kv_bytes_moved": moved.bytes_sent, "kv_bytes_local": moved.bytes_local,
                 "pages_copied": len(split.copies),
+                "prefix_nodes_dropped": cache.dropped_nodes,
+                "prefix_tokens_dropped": cache.dropped_tokens,
                 "weight_bytes_restored": restored.bytes_received if restored else 0,
                 **moved_reqs}
 

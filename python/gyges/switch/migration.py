@@ -10,22 +10,23 @@ new instance's slot space; the members exchange snapshots and :func:`install_wor
 identically on every member, the scheduler state of the new instance:
 
 - ``req_to_token`` rows re-allocated in request order, slots written;
-- the prefix cache reset and rebuilt from the running requests' protected prefixes
-  (SGLang's own ``checkpoint``): requests that shared a prefix inside one replica share it
-  again; the same prefix coming from two replicas is kept once and the other copy's slots
-  become free. Unlocked cached prefixes are dropped (a cache miss later, never a wrong hit);
-- the allocator's free pages = every page no request row uses;
+- the prefix cache reset and rebuilt: every member's cached prefixes first
+  (:mod:`gyges.switch.prefix_cache`, their KV moved by the same plan), then the running
+  requests' protected prefixes (SGLang's own ``checkpoint``): requests that shared a prefix
+  inside one replica share it again; the same prefix coming from two replicas is kept once
+  and the other copy's slots become free;
+- the allocator's free pages = every page neither a request row nor the tree uses;
 - the running batch rebuilt decode-ready by SGLang's ``_build_hisparse_decode_batch``
   (seq lens from the requests, last tokens stashed in the relay buffer by row);
 - the waiting queue concatenated in member order.
 
-Requests that cannot move (constrained decoding, penalties, multimodal or session state,
-chunked prefill in flight, speculative decoding, overlap scheduling) make
-:func:`not_movable` answer why; the transformation then waits or refuses.
+Every request kind moves: grammars are rebuilt and advanced, penalizer state replayed
+(:mod:`gyges.switch.request_state`). What cannot (multimodal or session state, a chunked
+prefill in flight, speculative decoding, overlap scheduling) makes :func:`not_movable`
+answer why; the transformation then waits or refuses.
 """
 from __future__ import annotations
 
-import copy
 import pickle
 from array import array
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 
+from gyges.switch import prefix_cache, request_state
 from gyges.switch.capacity import set_free_pages
 
 
@@ -44,10 +46,12 @@ class Work:
     running: list[Any] = field(default_factory=list)
     rows: list[torch.Tensor] = field(default_factory=list)
     waiting: list[Any] = field(default_factory=list)
+    cached: list[prefix_cache.CachedNode] = field(default_factory=list)
 
     @property
     def slots(self) -> torch.Tensor:
-        return torch.cat(self.rows) if self.rows else torch.empty(0, dtype=torch.int64)
+        """Every slot whose KV moves: the running requests' and the cached prefixes'."""
+        return torch.cat([*self.rows, prefix_cache.node_slots(self.cached)])
 
 
 def not_movable(s: Any) -> str | None:
@@ -70,19 +74,12 @@ def not_movable(s: Any) -> str | None:
 
 
 def _req_not_movable(req: Any) -> str | None:
-    sp = req.sampling_params
-    if getattr(req, "grammar", None) is not None:
-        return "constrained decoding"
-    if (getattr(sp, "frequency_penalty", 0.0) or getattr(sp, "presence_penalty", 0.0)
-            or getattr(sp, "repetition_penalty", 1.0) != 1.0
-            or getattr(sp, "min_new_tokens", 0) > len(req.output_ids)):
-        return "penalties (their per-request state is not moved)"
+    """Grammars, penalties, logit bias, custom logit processors, seeds and logprobs move
+    (:mod:`gyges.switch.request_state`); these do not."""
     if getattr(req, "multimodal_inputs", None) is not None:
-        return "multimodal inputs"
+        return "multimodal inputs (their encoder state is not moved)"
     if getattr(req, "session_id", None) is not None:
-        return "a streaming session"
-    if getattr(req, "custom_logit_processor", None):
-        return "a custom logit processor"
+        return "a streaming session (/open_session state is not moved)"
     return None
 
 
@@ -109,24 +106,35 @@ def export_work(s: Any, slot_offset: int = 0) -> Work:
         row = req_to_token[req.kv.req_pool_idx, :n].to("cpu", torch.int64) + slot_offset
         work.running.append(req)
         work.rows.append(row)
+    work.cached = prefix_cache.export_tree(prefix_cache.usable_tree(s), slot_offset)[0]
     return work
 
 
 def to_bytes(work: Work) -> bytes:
     """Pickle ``work`` for peers (tree links stripped from shallow copies)."""
     return pickle.dumps(Work([_detached(r) for r in work.running], work.rows,
-                             [_detached(r) for r in work.waiting]))
+                             [_detached(r) for r in work.waiting], work.cached))
 
 
 def from_bytes(data: bytes) -> Work:
+    """A peer's work as sent (see :func:`receive` for what makes it installable here)."""
     work = pickle.loads(data)
     for req in (*work.running, *work.waiting):
         req.time_stats = _unpack_time_stats(req.time_stats)
     return work
 
 
+def receive(s: Any, data: bytes) -> Work:
+    """A peer's work, its requests given back what did not cross (grammar, references).
+    Runs before the commit vote: a request that cannot be rebuilt here refuses."""
+    work = from_bytes(data)
+    for req in (*work.running, *work.waiting):
+        request_state.reattach(s, req)
+    return work
+
+
 def _detached(req: Any) -> Any:
-    c = copy.copy(req)
+    c = request_state.detach(req)
     c.last_node, c.lock = None, None
     # With --enable-metrics a request holds its scheduler's Prometheus collector (locks);
     # the installing scheduler attaches its own (_attach_metrics).
@@ -195,10 +203,11 @@ def install_work(s: Any, works: Sequence[Work]) -> dict[str, int]:
     for req, row, i in zip(running, rows, idx, strict=True):
         req.kv.req_pool_idx = i
         pool.req_to_token[i, : row.numel()] = row.to(pool.req_to_token.dtype)
-    shared = _rebuild_prefix_cache(s, running)
+    cached = [w.cached for w in works if w.cached]  # parents index each work's own list
+    shared, restored = _rebuild_prefix_cache(s, running, cached)
     used = [pool.req_to_token[r.kv.req_pool_idx, : int(r.kv.kv_allocated_len)]
             for r in running]
-    set_free_pages(s, torch.cat(used) if used else torch.empty(0, dtype=torch.int64))
+    set_free_pages(s, torch.cat([*used, prefix_cache.tree_slots(s)]))
     for req in waiting:
         req.last_node, req.lock, req.prefix_len = None, None, 0
     for req in (*running, *waiting):
@@ -206,11 +215,15 @@ def install_work(s: Any, works: Sequence[Work]) -> dict[str, int]:
     s.waiting_queue = waiting
     s.running_batch = _decode_batch(s, running)
     s.last_batch = None
-    return {"running": len(running), "waiting": len(waiting), "prefix_tokens_shared": shared}
+    request_state.replay_penalties(s.running_batch)
+    return {"running": len(running), "waiting": len(waiting), "prefix_tokens_shared": shared,
+            "prefix_tokens_cached": restored}
 
 
-def _rebuild_prefix_cache(s: Any, running: list[Any]) -> int:
-    """Reset the tree and re-insert each running request's protected prefix."""
+def _rebuild_prefix_cache(s: Any, running: list[Any],
+                          cached: list[list[prefix_cache.CachedNode]]) -> tuple[int, int]:
+    """Reset the tree, insert the cached prefixes (each work's nodes), then re-insert each
+    running request's protected prefix. Returns (tokens shared, cached tokens restored)."""
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
@@ -221,8 +234,11 @@ def _rebuild_prefix_cache(s: Any, running: list[Any]) -> int:
     names = [n for n in ("free", "free_segment", "free_page_ids") if hasattr(alloc, n)]
     for n in names:  # duplicates are released by set_free_pages, not by the tree
         setattr(alloc, n, _no_free)
-    shared = 0
+    shared = restored = 0
     try:
+        if not getattr(tree, "disable", False):
+            for nodes in cached:
+                restored += prefix_cache.import_tree(prefix_cache.usable_tree(s), nodes)
         for req in running:
             protected = int(req.kv.cache_protected_len)
             req.kv.cache_protected_len = req.kv.cache_inserted_len = 0
@@ -235,7 +251,7 @@ def _rebuild_prefix_cache(s: Any, running: list[Any]) -> int:
     finally:
         for n in names:
             vars(alloc).pop(n, None)
-    return shared
+    return shared, restored
 
 
 def _no_free(*_args: Any, **_kwargs: Any) -> None:

@@ -58,12 +58,16 @@ def greedy_outputs(url: str) -> dict:
 
 def stream_generate(url: str, input_ids: list[int], max_new_tokens: int,
                     rid: str | None = None, chunks: list[dict] | None = None,
-                    headers: dict[str, str] | None = None) -> list[dict]:
-    """Every chunk of a greedy streaming ``/generate`` (the last one is the full output),
-    appended to ``chunks`` (if given) as they arrive."""
-    body: dict = {"input_ids": input_ids, "stream": True,
-                  "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
-                                      "ignore_eos": True}}
+                    headers: dict[str, str] | None = None,
+                    extra: dict | None = None) -> list[dict]:
+    """Every chunk of a streaming ``/generate`` (the last one is the full output), appended
+    to ``chunks`` (if given) as they arrive. Greedy unless ``extra`` says otherwise:
+    ``extra["sampling_params"]`` updates the sampling parameters, its other keys the body."""
+    extra = dict(extra or {})
+    sampling = {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True,
+                **extra.pop("sampling_params", {})}
+    body: dict = {"input_ids": input_ids, "stream": True, "sampling_params": sampling,
+                  **extra}
     if rid is not None:
         body["rid"] = rid
     chunks = [] if chunks is None else chunks
@@ -94,13 +98,16 @@ def wait_until_streaming(url: str, count: int, timeout_s: float = 60.0) -> None:
 
 def start_streams(url: str, prompts: list[list[int]], max_new_tokens: int,
                   min_chunks: int = 2, timeout_s: float = 120.0,
-                  headers: dict[str, str] | None = None
+                  headers: dict[str, str] | None = None,
+                  extras: list[dict] | None = None
                   ) -> tuple[list[threading.Thread], dict[int, list[dict]]]:
     """Start one streaming request per prompt in its own thread; return once each has
-    streamed ``min_chunks`` chunks. Chunks accumulate in the returned dict by prompt index."""
+    streamed ``min_chunks`` chunks. Chunks accumulate in the returned dict by prompt index.
+    ``extras[i]``: what stream i adds to its request (see :func:`stream_generate`)."""
     got: dict[int, list[dict]] = {i: [] for i in range(len(prompts))}
     threads = [threading.Thread(target=stream_generate, args=(url, p, max_new_tokens),
-                                kwargs={"chunks": got[i], "headers": headers})
+                                kwargs={"chunks": got[i], "headers": headers,
+                                        "extra": extras[i] if extras else None})
                for i, p in enumerate(prompts)]
     for t in threads:
         t.start()
