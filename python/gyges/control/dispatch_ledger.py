@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from gyges.host_controller import RankLoad
+from gyges.control.rank_load import RankLoad
 from gyges.topology import Instance, Topology
 
 SETTLE_S = 1.0
