@@ -118,16 +118,25 @@ def plots(out: Path, results: Mapping[str, Any], runs: Mapping[str, PolicyRun]) 
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(10, 4))
+    elastic = [n for n, r in runs.items() if r.records]
+    fig, axes = plt.subplots(1 + len(elastic), 1, figsize=(10, 3.5 + 1.2 * len(elastic)),
+                             sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [3] + [1] * len(elastic)})
+    ax = axes[0][0]
     for name, run in runs.items():
         xs, ys = throughput_series(run)
-        line = ax.plot(xs, ys, label=name, lw=1)[0]
-        for rec in run.records:
-            ax.axvline(rec.start, color=line.get_color(), alpha=0.25,
-                       ls="-" if rec.op == "merge" else ":", lw=0.7)
-    ax.set(xlabel="time (s)", ylabel="output tokens/s",
-           title="Throughput (vertical lines: merges solid, splits dotted, per host)")
+        ax.plot(xs, ys, label=name, lw=1)
+    ax.set(ylabel="output tokens/s", title="Throughput, and each host's merges (^) and "
+                                           "splits (v) under the elastic policies")
     ax.legend(fontsize=7, ncol=2, loc="upper right")
+    for row, name in enumerate(elastic, start=1):
+        bx = axes[row][0]
+        for op, marker, color in (("merge", "^", "tab:red"), ("split", "v", "tab:blue")):
+            recs = [r for r in runs[name].records if r.op == op]
+            bx.scatter([r.start for r in recs], [r.host for r in recs], marker=marker,
+                       s=8, color=color, label=op)
+        bx.set_ylabel(f"{name}\nhost", fontsize=7)
+    axes[-1][0].set_xlabel("time (s)")
     fig.tight_layout()
     fig.savefig(out / "throughput.png", dpi=110)
     plt.close(fig)
