@@ -57,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
                         "(0 = stop-the-world, the default)")
     r.add_argument("--sweep", help="comma-separated extra --time-scale values for the "
                                    "goodput-vs-rate plot")
+    r.add_argument("--no-plots", action="store_true", help="results.json and report.md only")
     r.add_argument("--out", required=True)
     c = sub.add_parser("calibrate", help="measure a live Gyges server and fit the cost model")
     c.add_argument("--url", required=True)
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = {"config": config, "policies": summaries}
     if sweep_out:
         results["sweep"] = sweep_out
-    write_outputs(Path(args.out), results, runs, walls)
+    write_outputs(Path(args.out), results, runs, walls, plot=not args.no_plots)
     return results
 
 

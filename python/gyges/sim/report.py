@@ -44,14 +44,15 @@ def results_json(results: Mapping[str, Any]) -> str:
 
 
 def write_outputs(out: Path, results: Mapping[str, Any], runs: Mapping[str, PolicyRun],
-                  walls: Mapping[str, float]) -> None:
+                  walls: Mapping[str, float], plot: bool = True) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(results_json(results))
         (out / "report.md").write_text(report_md(results, walls))
     except OSError as e:
         raise SimInputError(f"cannot write to {out}: {e.strerror or e}") from None
-    plots(out, results, runs)
+    if plot:
+        plots(out, results, runs)
 
 
 def _fmt(v: Any) -> str:
