@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from gyges.sim.cost import CostParams, StepCost
+from gyges.sim.cost import CostParams, MemoryPlan, StepCost
 from gyges.sim.models import ModelSpec, SimInputError, model_from_hf
 
 PROMPTS = (32, 256, 1024)
@@ -184,30 +184,56 @@ def fit_transforms(points: list[dict[str, Any]]) -> tuple[float, float]:
     return max(my - slope * mx, 0.0), 1 / slope
 
 
-def calibrate(args: argparse.Namespace) -> dict[str, Any]:
-    srv = Server(args.url, args.api_key)
-    path = args.model_path or srv.call("/get_model_info").get("model_path")
-    model = model_from_hf(path)
-    data = measure(srv, model, max(1, args.repeats))
+def fit_all(model: ModelSpec, data: dict[str, Any]) -> dict[str, Any]:
+    """The calibration file's content from ``measure``'s data (no server needed)."""
     start = CostParams("calibrated", flops=1e11, hbm_bw=1e10, memory=1e9, nvlink_bw=1e9,
                        mfu=1.0, mfu_attn=1.0, mbu=1.0, layer_overhead_s=0.0,
                        step_overhead_s=0.005, allreduce_latency_s=1e-4)
     fixed, bw = fit_transforms(data["transforms"])
     start = start.with_(transform_fixed_s=fixed, nvlink_bw=bw)
     params, errors = fit(model, start, data["steps"])
-    kv = data["capacity_tokens_tp1"] * model.kv_bytes_per_token
-    params = params.with_(memory=(kv + model.weight_bytes) / params.mem_fraction)
+    # Memory such that the Gyges plan (padded MLP shards, as the measured server) holds
+    # exactly the KV slots the server reported for one TP1 replica.
+    plan = MemoryPlan(model, params, int(data["max_tp"]))
+    weights = model.weight_bytes - model.mlp_bytes + plan.padded_mlp_bytes
+    kv = (data["capacity_tokens_tp1"] + 0.5) * model.kv_bytes_per_token
+    params = params.with_(memory=(kv + weights) / params.mem_fraction)
     for pt, err in zip(data["steps"], errors, strict=True):
         pt["fit_rel_err"] = round(err, 4)
-    out = {"params": params.to_json(), "model": model.name, "url": args.url,
-           "measurements": data,
-           "fit": {"mean_abs_rel_err": round(sum(map(abs, errors)) / len(errors), 4),
-                   "max_abs_rel_err": round(max(map(abs, errors)), 4)}}
+    return {"params": params.to_json(), "model": model.name, "measurements": data,
+            "fit": {"mean_abs_rel_err": round(sum(map(abs, errors)) / len(errors), 4),
+                    "max_abs_rel_err": round(max(map(abs, errors)), 4)}}
+
+
+def calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure the server at ``--url`` (or refit ``--measurements``) and write ``--out``."""
+    if args.measurements:
+        try:
+            old = json.loads(Path(args.measurements).read_text())
+            data = old["measurements"]
+        except (OSError, ValueError, KeyError) as e:
+            raise SimInputError(f"cannot read measurements {args.measurements}: {e}") from None
+        path = args.model_path
+        if not path:
+            raise SimInputError("--measurements needs --model-path")
+        model = model_from_hf(path)
+        url = old.get("url", "")
+    else:
+        if not args.url:
+            raise SimInputError("calibrate needs --url (or --measurements)")
+        srv = Server(args.url, args.api_key)
+        path = args.model_path or srv.call("/get_model_info").get("model_path")
+        model = model_from_hf(path)
+        data = measure(srv, model, max(1, args.repeats))
+        url = args.url
+    out = fit_all(model, data)
+    out["url"] = url
     try:
         Path(args.out).write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     except OSError as e:
         raise SimInputError(f"cannot write {args.out}: {e.strerror or e}") from None
+    p = out["params"]
     print(f"calibrated {model.name}: mean |error| {out['fit']['mean_abs_rel_err']:.1%} over "
-          f"{len(errors)} step measurements; transformation fixed {fixed * 1000:.0f} ms, "
-          f"{bw / 1e9:.2f} GB/s")
+          f"{len(data['steps'])} step measurements; transformation fixed "
+          f"{p['transform_fixed_s'] * 1000:.0f} ms, {p['nvlink_bw'] / 1e9:.3f} GB/s")
     return out

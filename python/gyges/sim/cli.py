@@ -60,7 +60,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-plots", action="store_true", help="results.json and report.md only")
     r.add_argument("--out", required=True)
     c = sub.add_parser("calibrate", help="measure a live Gyges server and fit the cost model")
-    c.add_argument("--url", required=True)
+    c.add_argument("--url")
+    c.add_argument("--measurements", help="refit the measurements of an earlier "
+                                          "calibration file instead of measuring")
     c.add_argument("--out", required=True)
     c.add_argument("--model-path", help="config.json of the served model (default: ask "
                                         "the server's /get_model_info)")
