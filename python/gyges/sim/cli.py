@@ -123,7 +123,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         walls[name] = time.perf_counter() - t0
         summaries[name] = summarise(runs[name], slo)
     sweep_out: dict[str, dict[str, Any]] = {}
+    if sweep:  # the main run is the sweep's point at scale 1
+        sweep = sorted(set(sweep) | {1.0})
     for scale in sweep:
+        if scale == 1.0:
+            sweep_out["1"] = {"time_scale": args.time_scale,
+                              "rate_req_s": round(len(trace) / max(trace[-1].arrival_s, 1e-9),
+                                                  6),
+                              "goodput_req_s": {n: summaries[n]["goodput_req_s"]
+                                                for n in policies}}
+            continue
         t = load_trace(args.trace, args.format, time_scale=args.time_scale * scale,
                        duration=None if args.duration is None else args.duration * scale)
         rate = len(t) / max(t[-1].arrival_s, 1e-9)
