@@ -51,3 +51,15 @@ def test_same_inputs_give_identical_results():
         a = summarise(run_policy(policy, _trace(), setup), Slo())
         b = summarise(run_policy(policy, _trace(), setup), Slo())
         assert a == b and a["completed"] + a["failed"] == 60
+
+
+def test_the_simulator_imports_no_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, gyges.sim.cli, gyges.sim.policies, gyges.sim.calibrate; "
+            "sys.exit('torch' in sys.modules)")
+    root = Path(__file__).resolve().parents[2]
+    assert subprocess.run([sys.executable, "-c", code], timeout=60,
+                          env={"PYTHONPATH": str(root / "python")}).returncode == 0
