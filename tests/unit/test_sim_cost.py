@@ -82,3 +82,9 @@ def test_transformation_bytes_come_from_the_transfer_plan():
     t, p, _ = overlapped.duration("merge", 1, 2, [1000, 1000])
     assert t == pytest.approx(total) and p == pytest.approx(
         H100.transform_fixed_s + 0.25 * nbytes / H100.nvlink_bw)
+
+
+def test_configured_kv_slots_override_the_memory_plan():
+    plan = MemoryPlan(Q32, H100.with_(kv_tokens_tp1=1000), 8)
+    assert [plan.static(k) for k in (1, 2, 8)] == [1000, 2000, 8000]
+    assert plan.gyges(4) == plan.flying(4) == 4000 and plan.shift(8) == 8000

@@ -7,8 +7,9 @@ flight, from the admin API's own report (``elapsed_ms.total_ms``, ``kv_bytes_mov
 The fit: step overhead, effective FLOP/s, effective memory bandwidth and all-reduce floor
 by Nelder-Mead in log space on the squared log error of every point; the
 transformation's fixed cost and bandwidth by least squares on (bytes, ms). KV capacity:
-the server's ``capacity_tokens`` (memory is set so the plan reproduces it). The file
-holds the params, every measurement and the fit error per point.
+the server's configured ``capacity_tokens`` per replica (``kv_tokens_tp1``: every plan
+holds k x that). The file holds the params, every measurement and the fit error per
+point.
 """
 
 from __future__ import annotations
@@ -192,12 +193,13 @@ def fit_all(model: ModelSpec, data: dict[str, Any]) -> dict[str, Any]:
     fixed, bw = fit_transforms(data["transforms"])
     start = start.with_(transform_fixed_s=fixed, nvlink_bw=bw)
     params, errors = fit(model, start, data["steps"])
-    # Memory such that the Gyges plan (padded MLP shards, as the measured server) holds
-    # exactly the KV slots the server reported for one TP1 replica.
+    # The measured server's replica holds a configured number of KV slots: every plan holds
+    # k x that (kv_tokens_tp1); memory is also set so the Gyges plan reproduces it.
     plan = MemoryPlan(model, params, int(data["max_tp"]))
     weights = model.weight_bytes - model.mlp_bytes + plan.padded_mlp_bytes
     kv = (data["capacity_tokens_tp1"] + 0.5) * model.kv_bytes_per_token
-    params = params.with_(memory=(kv + weights) / params.mem_fraction)
+    params = params.with_(memory=(kv + weights) / params.mem_fraction,
+                          kv_tokens_tp1=int(data["capacity_tokens_tp1"]))
     for pt, err in zip(data["steps"], errors, strict=True):
         pt["fit_rel_err"] = round(err, 4)
     return {"params": params.to_json(), "model": model.name, "measurements": data,

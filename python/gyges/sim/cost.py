@@ -44,6 +44,10 @@ class CostParams:
     chunk_tokens: int = 8192  # chunked prefill budget per step
     transform_fixed_s: float = 0.4  # pause, state exchange, rebuild (per pairwise step)
     overlap: float = 0.0  # fraction of a transformation's transfer hidden under serving
+    # KV slots of one TP1 replica fixed by the server's configuration (--max-total-tokens,
+    # as on the CPU test servers) instead of derived from memory: every plan then holds
+    # k x this at degree k (what the live server reports today).
+    kv_tokens_tp1: int | None = None
 
     @classmethod
     def for_gpu(cls, gpu: GpuSpec) -> CostParams:
@@ -157,6 +161,8 @@ class MemoryPlan:
         return geo.padded_nbytes * self.max_degree * m.layers
 
     def _tokens(self, k: int, weights_per_gpu: float) -> int:
+        if self.params.kv_tokens_tp1 is not None:
+            return k * self.params.kv_tokens_tp1
         free = self.usable - weights_per_gpu
         return max(0, int(k * free // self.model.kv_bytes_per_token))
 
