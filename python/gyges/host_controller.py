@@ -17,8 +17,11 @@ from gyges.comm.pool import expected_sum
 from gyges.config import GygesConfig
 from gyges.control.channel import ControlError, Handler, Message
 from gyges.control.commands import CommandBus
+from gyges.control.rank_load import RankLoad
 from gyges.control.transform import Routing, Transformer
 from gyges.topology import Instance, Topology
+
+__all__ = ["HostController", "LoadReader", "RankInfo", "RankLoad"]
 
 
 @dataclass(frozen=True)
@@ -30,19 +33,6 @@ class RankInfo:
     kv_layout: str
     mlp_storage: str
     capacity_tokens: int
-
-
-@dataclass(frozen=True)
-class RankLoad:
-    """One rank's load as SGLang's scheduler last published it. ``total_tokens`` adds the
-    prompts of waiting requests to ``used_tokens``; ``timestamp`` is the publish time
-    (``time.time()``) so that requests dispatched after it can be accounted separately."""
-
-    running: int = 0
-    waiting: int = 0
-    used_tokens: int = 0
-    total_tokens: int = 0
-    timestamp: float = 0.0
 
 
 LoadReader = Callable[[], Mapping[int, RankLoad]]

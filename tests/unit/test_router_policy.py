@@ -88,6 +88,17 @@ def test_pending_short_requests_count_against_snapshot():
     assert place_gyges(100, [busy, view("b", b)]).worker_id == "b"
 
 
+def test_tp1_capacity_when_merged_instances_grew_their_kv():
+    """Members that grew their KV into released MLP memory hold more than k replicas: a
+    replica is then read from a TP1 instance, or from max request / max TP."""
+    grown = InstanceStatus((0, 1, 2, 3), 4, 0, 10 * CAP, 0, 0, 0)
+    alone = host(grown, max_tp=4, max_req=4 * CAP)
+    assert alone.tp1_capacity == CAP
+    assert is_long(1500, alone)  # long there too: it does not draw every long request
+    mixed = host(InstanceStatus((0, 1), 2, 0, 5 * CAP, 0, 0, 0), inst((2,)), inst((3,)))
+    assert mixed.tp1_capacity == CAP
+
+
 def test_long_goes_where_merged_instance_has_room():
     a = host(inst((0, 1), used=300), inst((2,), used=900), inst((3,), used=900))
     b = tp1_host(4)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from gyges.host_controller import RankLoad
+from gyges.control.rank_load import RankLoad
 from gyges.topology import Instance, Topology
 
 SETTLE_S = 1.0
@@ -49,8 +49,9 @@ class DispatchLedger:
         """Forget what the snapshots now show: short dispatches older than their instance's
         snapshot, long ones once a later snapshot shows the instance idle."""
         kept = []
+        of = {r: inst for inst in topology.instances for r in inst.ranks}
         for e in self._entries:
-            inst = topology.instance_of(e.leader)
+            inst = of[e.leader]
             ts = _snapshot_time(inst, loads)
             if e.long:
                 done = ts > e.t + SETTLE_S and _snapshot_idle(inst, loads)
@@ -66,7 +67,8 @@ class DispatchLedger:
         dispatched after the snapshot``. Members of a merged instance publish the same
         state, so the instance's snapshot is the freshest/largest of its members'."""
         ts = _snapshot_time(inst, loads)
-        mine = [e for e in self._entries if topology.instance_of(e.leader) == inst]
+        ranks = set(inst.ranks)  # instances partition the ranks: same as instance_of(...)
+        mine = [e for e in self._entries if e.leader in ranks]
         recent = [e for e in mine if e.t >= ts]
         held = sum(e.need for e in mine if e.t < ts)  # long ones the snapshot may not show
         snap = [loads.get(r, RankLoad()) for r in inst.ranks]

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from gyges.config import GygesConfig
 from gyges.control.channel import ControlError, Message
 from gyges.control.dispatch_ledger import DispatchLedger
+from gyges.control.rank_load import RankLoad
 from gyges.core.policy import (
     Decision,
     Dispatch,
@@ -49,7 +50,6 @@ from gyges.core.policy import (
     splits_due,
 )
 from gyges.core.request_limits import usable_tokens
-from gyges.host_controller import RankLoad
 from gyges.topology import Topology, next_merge_step
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from gyges.core.kv_layout import is_power_of_two
+from gyges.core.degrees import is_power_of_two
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
+from gyges.core.degrees import check_degree
 
-from gyges.core.kv_layout import check_degree
+if TYPE_CHECKING:  # the plans are plain integer math; only apply_plan touches tensors
+    import torch
 
 SlotRange = tuple[int, int]  # half-open [start, end) inside one replica segment [0, S)
 

@@ -55,8 +55,17 @@ class HostStatus:
 
     @property
     def tp1_capacity(self) -> int:
-        """KV capacity of one rank's replica (a TP-k instance holds k of them)."""
-        return max((i.capacity_tokens // max(1, i.tp) for i in self.instances), default=0)
+        """KV capacity of one rank's replica (a TP-k instance holds k of them): a TP1
+        instance's if there is one, else the host's max request over max TP (a merged
+        instance whose members grew their KV into released MLP memory holds more than k
+        replicas, so capacity / tp would overstate a replica; found with gyges.sim)."""
+        tp1 = [i.capacity_tokens for i in self.instances if i.tp == 1]
+        if tp1:
+            return max(tp1)
+        per_rank = max((i.capacity_tokens // max(1, i.tp) for i in self.instances), default=0)
+        if self.max_tp > 0 and self.max_request_tokens > 0:
+            return min(per_rank, self.max_request_tokens // self.max_tp)
+        return per_rank
 
     @property
     def has_merged(self) -> bool:

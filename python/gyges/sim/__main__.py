@@ -1,0 +1,5 @@
+import sys
+
+from gyges.sim.cli import main
+
+sys.exit(main())
