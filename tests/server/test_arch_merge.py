@@ -19,12 +19,25 @@ PROMPTS = [[(13 * i + 7 * j) % 400 + 5 for j in range(n)] for i, n in enumerate(
 NEW_TOKENS = 400
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3"])
-def test_merge_and_split_with_streams_equal_stock(arch):
-    model = tiny_model(arch=arch, heads=4, kv_heads=2)
-    with SGLangServer(model) as stock:
+# id -> (tiny model arch, spec fields beyond heads=4/kv_heads=2, server args for both servers)
+CASES = {
+    "qwen2": ("qwen2", {}, []),
+    "qwen3": ("qwen3", {}, []),
+    "mistral": ("mistral", {}, []),
+    "phi3": ("phi3", {}, []),
+    "granite": ("granite", {}, []),
+    "olmo2": ("olmo2", {}, []),
+    "glm4": ("glm4", {}, []),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_and_split_with_streams_equal_stock(case):
+    arch, fields, args = CASES[case]
+    model = tiny_model(arch=arch, **{"heads": 4, "kv_heads": 2, **fields})
+    with SGLangServer(model, extra_args=args) as stock:
         want = [stream_generate(stock.url, p, NEW_TOKENS)[-1]["output_ids"] for p in PROMPTS]
-    with SGLangServer(model, dp_size=2, gyges=True) as srv:
+    with SGLangServer(model, dp_size=2, gyges=True, extra_args=args) as srv:
         threads, got = start_streams(srv.url, PROMPTS, NEW_TOKENS, min_chunks=3)
         r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
         assert r.status_code == 200, r.text
@@ -36,7 +49,7 @@ def test_merge_and_split_with_streams_equal_stock(arch):
         for t in threads:
             t.join(timeout=300)
         for i, w in enumerate(want):
-            assert got[i][-1]["output_ids"] == w, f"{arch} stream {i} differs from stock"
+            assert got[i][-1]["output_ids"] == w, f"{case} stream {i} differs from stock"
             assert got[i][-1]["meta_info"]["num_retractions"] == 0
 
 

@@ -9,7 +9,8 @@ from gyges.core.architectures import SUPPORTED, UnsupportedArchitecture, check_a
 from gyges.testing.server import tiny_model
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "phi3", "granite",
+                                  "olmo2", "glm4"])
 def test_the_tiny_models_pass(arch):
     cfg = json.loads((tiny_model(arch=arch) / "config.json").read_text())
     assert check_architecture(cfg) in SUPPORTED
@@ -19,7 +20,14 @@ def test_the_tiny_models_pass(arch):
     ({"architectures": ["MixtralForCausalLM"]}, "MoE experts are not padded yet"),
     ({"architectures": ["Qwen3MoeForCausalLM"]}, "MoE experts are not padded yet"),
     ({"architectures": ["Llama4ForConditionalGeneration"]}, "layers without a dense MLP"),
+    ({"architectures": ["Gemma3ForConditionalGeneration"]}, "vision tower"),
+    ({"architectures": ["Gemma3nForCausalLM"]}, "AltUp"),
     ({"architectures": ["Gemma2ForCausalLM"]}, "not covered yet"),
+    ({"architectures": ["Olmo2ForCausalLM"], "attention_bias": True}, "o_proj with a bias"),
+    ({"architectures": ["Phi3ForCausalLM"], "sliding_window": 2047}, "sliding_window"),
+    ({"architectures": ["Olmo2ForCausalLM"], "layer_types": ["sliding_attention"]},
+     "sliding_window"),
+    ({"architectures": ["GraniteForCausalLM"], "hidden_act": "gelu"}, "SiLU"),
     ({"architectures": ["FooForCausalLM"]}, "not covered yet"),
     ({}, "exactly one architecture"),
     ({"architectures": ["LlamaForCausalLM"], "num_local_experts": 8}, "num_local_experts"),
@@ -39,3 +47,4 @@ def test_qwen2_attention_bias_is_fine():
     # Qwen2's qkv bias is resharded; only Llama's attention_bias adds an o_proj bias
     assert check_architecture({"architectures": ["Qwen2ForCausalLM"],
                                "attention_bias": True}) == "Qwen2ForCausalLM"
+

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ARCHES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "olmo2", "glm4", "gemma",
-          "gemma2", "gemma3")
+          "gemma2", "gemma3", "internlm2")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -159,11 +159,18 @@ _EXTRA: dict[str, dict[str, object]] = {
 def write_tiny_model(out: str | Path, spec: TinyModelSpec) -> Path:
     """Write config, safetensors weights, tokenizer and generation config to ``out``."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec.vocab, spec.seed)
+    if spec.arch == "internlm2":  # no transformers classes: written by hand
+        from gyges.testing.tiny_internlm2 import write_internlm2
+
+        cfg = write_internlm2(out, spec, tokenizer)
+        _finish(out, spec, tokenizer, cfg["bos_token_id"], cfg["eos_token_id"],
+                cfg["pad_token_id"])
+        return out
     config = build_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
@@ -177,14 +184,18 @@ def write_tiny_model(out: str | Path, spec: TinyModelSpec) -> Path:
                 p.normal_(1.0, 0.2)
     model = model.to(getattr(torch, spec.dtype))
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-    ).save_pretrained(out)
-    (out / "gyges_tiny_model.json").write_text(json.dumps(spec.__dict__, indent=2))
+    _finish(out, spec, tokenizer, config.bos_token_id, config.eos_token_id,
+            config.pad_token_id)
     return out
+
+
+def _finish(out: Path, spec: TinyModelSpec, tokenizer, bos: int, eos: int, pad: int) -> None:
+    """Tokenizer, generation config and the spec marker (written last: the cache's key)."""
+    from transformers import GenerationConfig
+
+    tokenizer.save_pretrained(out)
+    GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).save_pretrained(out)
+    (out / "gyges_tiny_model.json").write_text(json.dumps(spec.__dict__, indent=2))
 
 
 def _parse(argv: list[str] | None) -> tuple[Path, TinyModelSpec]:
