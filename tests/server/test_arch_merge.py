@@ -28,6 +28,13 @@ CASES = {
     "granite": ("granite", {}, []),
     "olmo2": ("olmo2", {}, []),
     "glm4": ("glm4", {}, []),
+    "internlm2": ("internlm2", {}, ["--trust-remote-code"]),
+    "gemma": ("gemma", {}, []),
+    "gemma2": ("gemma2", {}, []),
+    "gemma3": ("gemma3", {}, []),
+    # GQA (4 q heads per KV head) with pages of 16 slots: moves and compaction in pages
+    "llama-gqa-page16": ("llama", {"heads": 8, "kv_heads": 2, "head_dim": 16},
+                         ["--page-size", "16"]),
 }
 
 

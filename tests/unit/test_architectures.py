@@ -10,7 +10,7 @@ from gyges.testing.server import tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "phi3", "granite",
-                                  "olmo2", "glm4"])
+                                  "olmo2", "glm4", "internlm2", "gemma", "gemma2", "gemma3"])
 def test_the_tiny_models_pass(arch):
     cfg = json.loads((tiny_model(arch=arch) / "config.json").read_text())
     assert check_architecture(cfg) in SUPPORTED
@@ -22,7 +22,7 @@ def test_the_tiny_models_pass(arch):
     ({"architectures": ["Llama4ForConditionalGeneration"]}, "layers without a dense MLP"),
     ({"architectures": ["Gemma3ForConditionalGeneration"]}, "vision tower"),
     ({"architectures": ["Gemma3nForCausalLM"]}, "AltUp"),
-    ({"architectures": ["Gemma2ForCausalLM"]}, "not covered yet"),
+    ({"architectures": ["Gemma2ForCausalLM"], "attention_bias": True}, "o_proj with a bias"),
     ({"architectures": ["Olmo2ForCausalLM"], "attention_bias": True}, "o_proj with a bias"),
     ({"architectures": ["Phi3ForCausalLM"], "sliding_window": 2047}, "sliding_window"),
     ({"architectures": ["Olmo2ForCausalLM"], "layer_types": ["sliding_attention"]},
@@ -48,3 +48,9 @@ def test_qwen2_attention_bias_is_fine():
     assert check_architecture({"architectures": ["Qwen2ForCausalLM"],
                                "attention_bias": True}) == "Qwen2ForCausalLM"
 
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_gemma_gelu_is_fine(act):
+    # the padded shards take the activation from SGLang's module (exact or tanh GELU)
+    for arch in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+        assert check_architecture({"architectures": [arch], "hidden_act": act}) == arch

@@ -15,7 +15,8 @@ from typing import Any
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
              "Qwen3ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM",
-             "Glm4ForCausalLM")
+             "Glm4ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+             "InternLM2ForCausalLM")
 # Gemma's MLP is GELU-gated (SGLang's module decides exact or tanh; the shards copy it).
 GELU_GATED = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
