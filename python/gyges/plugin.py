@@ -47,6 +47,7 @@ def load() -> None:
         model_runner.after_post_load_model_transforms, HookType.AFTER)
     for mlp in models.MLP_TARGETS:
         reg(f"{mlp}.forward", models.around_mlp_forward, HookType.AROUND)
+    reg(models.OLMO2_QK_NORM, models.around_olmo2_qk_norm, HookType.AROUND)
     for method in torch_native_backend.METHODS:
         reg(f"{torch_native_backend.TARGET}.{method}", torch_native_backend.around_run_sdpa,
             HookType.AROUND)

@@ -162,7 +162,7 @@ def test_sglang_bench_serving_client(llama_gyges, tmp_path):
 
 REFUSED = [("mixtral", "MixtralForCausalLM", "MoE experts are not padded yet"),
            ("qwen3_moe", "Qwen3MoeForCausalLM", "MoE experts are not padded yet"),
-           ("gemma2", "Gemma2ForCausalLM", "sliding windows"),
+           ("gemma3", "Gemma3ForConditionalGeneration", "vision tower"),
            ("llama4", "Llama4ForConditionalGeneration", "layers without a dense MLP")]
 
 

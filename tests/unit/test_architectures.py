@@ -9,7 +9,8 @@ from gyges.core.architectures import SUPPORTED, UnsupportedArchitecture, check_a
 from gyges.testing.server import tiny_model
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "phi3", "granite",
+                                  "olmo2", "glm4", "internlm2", "gemma", "gemma2", "gemma3"])
 def test_the_tiny_models_pass(arch):
     cfg = json.loads((tiny_model(arch=arch) / "config.json").read_text())
     assert check_architecture(cfg) in SUPPORTED
@@ -19,7 +20,14 @@ def test_the_tiny_models_pass(arch):
     ({"architectures": ["MixtralForCausalLM"]}, "MoE experts are not padded yet"),
     ({"architectures": ["Qwen3MoeForCausalLM"]}, "MoE experts are not padded yet"),
     ({"architectures": ["Llama4ForConditionalGeneration"]}, "layers without a dense MLP"),
-    ({"architectures": ["Gemma2ForCausalLM"]}, "sliding windows"),
+    ({"architectures": ["Gemma3ForConditionalGeneration"]}, "vision tower"),
+    ({"architectures": ["Gemma3nForCausalLM"]}, "AltUp"),
+    ({"architectures": ["Gemma2ForCausalLM"], "attention_bias": True}, "o_proj with a bias"),
+    ({"architectures": ["Olmo2ForCausalLM"], "attention_bias": True}, "o_proj with a bias"),
+    ({"architectures": ["Phi3ForCausalLM"], "sliding_window": 2047}, "sliding_window"),
+    ({"architectures": ["Olmo2ForCausalLM"], "layer_types": ["sliding_attention"]},
+     "sliding_window"),
+    ({"architectures": ["GraniteForCausalLM"], "hidden_act": "gelu"}, "SiLU"),
     ({"architectures": ["FooForCausalLM"]}, "not covered yet"),
     ({}, "exactly one architecture"),
     ({"architectures": ["LlamaForCausalLM"], "num_local_experts": 8}, "num_local_experts"),
@@ -39,3 +47,10 @@ def test_qwen2_attention_bias_is_fine():
     # Qwen2's qkv bias is resharded; only Llama's attention_bias adds an o_proj bias
     assert check_architecture({"architectures": ["Qwen2ForCausalLM"],
                                "attention_bias": True}) == "Qwen2ForCausalLM"
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_gemma_gelu_is_fine(act):
+    # the padded shards take the activation from SGLang's module (exact or tanh GELU)
+    for arch in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+        assert check_architecture({"architectures": [arch], "hidden_act": act}) == arch

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from gyges.core.attention_shards import (
     owned_kv_heads,
     owned_q_heads,
+    rank_major_heads,
     slice_o_proj,
     slice_qkv,
 )
@@ -126,3 +127,22 @@ def test_merged_kv_pool_serves_sharded_attention(k: int) -> None:
         local = _gqa(q_r, torch.cat([k_cache, k_new]), torch.cat([v_cache, v_new]))
         total += local @ slice_o_proj(o_proj, hq, hkv, d, k, r).t()
     torch.testing.assert_close(total, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hq, hkv, k", [(4, 2, 2), (4, 4, 2), (8, 4, 4), (8, 2, 2)])
+def test_rank_major_heads_undo_an_all_gather_of_owned_heads(hq, hkv, k):
+    # OLMo2's QK-norm gathers every rank's heads; putting them back in model order must
+    # give the unsharded projection exactly
+    d, t = 3, 5
+    full_q = torch.randn(t, hq, d)
+    full_k = torch.randn(t, hkv, d)
+    for full, kv in ((full_q, False), (full_k, True)):
+        heads = full.shape[1]
+        owned = [owned_kv_heads(hkv, k, r) if kv else owned_q_heads(hq, hkv, k, r)
+                 for r in range(k)]
+        gathered = torch.cat([full[:, o] for o in owned], dim=1)
+        order = rank_major_heads(hq, hkv, k, kv=kv)
+        assert sorted(order) == list(range(heads))
+        inverse = torch.empty(heads, dtype=torch.int64)
+        inverse[torch.tensor(order)] = torch.arange(heads)
+        assert torch.equal(gathered[:, inverse], full)

@@ -277,3 +277,24 @@ def test_padded_mlp_binding() -> None:
     assert (mlp.degree, mlp.local_rank) == (4, 3)  # a refused rebinding changes nothing
     with pytest.raises(ValueError, match="not resident"):
         PaddedMLP(weights, 2, 0)
+
+
+@pytest.mark.parametrize("activation, act", [
+    ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh")),
+    ("gelu_none", F.gelu),
+])
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_gelu_gated_partials_sum_to_dense_mlp(activation, act, k: int) -> None:
+    # Gemma's MLP: GELU (tanh-approximated in Gemma 2/3, exact in SGLang's Gemma 1) on the gate
+    gate, up, down = _dense()
+    mlp = PaddedMLPWeights(gate, up, down, G, GRANULE, activation=activation)
+    x = torch.randn(3, 5, HIDDEN, generator=torch.Generator().manual_seed(1))
+    total = sum(mlp.forward(x, k, r) for r in range(k))
+    want = (act(x @ gate.t()) * (x @ up.t())) @ down.t()
+    torch.testing.assert_close(total, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(total, _reference(x, gate, up, down), atol=1e-3)
+
+
+def test_unknown_activation_is_refused() -> None:
+    with pytest.raises(ValueError, match="activation"):
+        PaddedMLPWeights(*_dense(), G, GRANULE, activation="relu")

@@ -5,8 +5,8 @@ transformation code does not cover (or a config whose layers it cannot reshard e
 refused with one line naming the architecture, what is missing, and ``--enable-gyges`` as
 the flag to drop, instead of failing at the first merge.
 
-Supported: dense decoders built on SGLang's ``LlamaMLP`` / ``Qwen2MLP`` with fused
-``qkv_proj`` and ``o_proj`` attention, every layer with a gated MLP, no ``o_proj`` or MLP bias.
+Supported: dense decoders whose layers have a fused QKV and an output projection without
+bias, and a gated MLP (SiLU, or GELU for Gemma) without biases; see :data:`SUPPORTED`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-             "Qwen3ForCausalLM")
+             "Qwen3ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM",
+             "Glm4ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+             "InternLM2ForCausalLM")
+# Gemma's MLP is GELU-gated (SGLang's module decides exact or tanh; the shards copy it).
+GELU_GATED = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 # Why some architectures people serve are refused (the rest: "not covered yet").
 REASONS = {
@@ -26,12 +30,16 @@ REASONS = {
     "Llama4ForConditionalGeneration": "MoE experts (and layers without a dense MLP) are not "
                                       "covered yet",
     "Llama4ForCausalLM": "MoE experts (and layers without a dense MLP) are not covered yet",
-    "GemmaForCausalLM": "Gemma's MLP is not padded yet",
-    "Gemma2ForCausalLM": "Gemma2's MLP, soft-capping and sliding windows are not covered yet",
-    "Gemma3ForCausalLM": "Gemma3's MLP and sliding windows are not covered yet",
-    "Gemma3ForConditionalGeneration": "Gemma3's MLP and sliding windows are not covered yet",
-    "Phi3ForCausalLM": "not tested with transformations yet",
+    "Gemma3ForConditionalGeneration": "the vision tower and multimodal inputs are not "
+                                      "covered (Gemma3ForCausalLM, text only, is)",
+    "Gemma3nForCausalLM": "Gemma3n's per-layer inputs, AltUp and KV sharing are not covered",
 }
+# Architectures whose attention_bias (Llama: also "bias") puts a bias on o_proj.
+O_PROJ_BIAS = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
+               "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# Architectures that would take sliding-window layers from the config.
+NO_SLIDING = ("MistralForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM",
+              "Olmo2ForCausalLM")
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 
 
@@ -53,14 +61,15 @@ def check_architecture(config: Mapping[str, Any]) -> str:
     moe = [k for k in MOE_KEYS if text.get(k)]
     if moe:
         raise _refuse(arch, f"MoE experts are not padded yet ({moe[0]} is set)")
-    if text.get("attention_bias") and arch == "LlamaForCausalLM":
+    if arch in O_PROJ_BIAS and (text.get("attention_bias") or text.get("bias")):
         raise _refuse(arch, "o_proj with a bias is not supported yet (attention_bias)")
-    if text.get("sliding_window") and arch == "MistralForCausalLM":
+    if arch in NO_SLIDING and (text.get("sliding_window")
+                               or "sliding_attention" in (text.get("layer_types") or ())):
         raise _refuse(arch, "sliding-window attention is not covered yet (sliding_window)")
     if text.get("mlp_bias"):
         raise _refuse(arch, "MLP biases are not padded yet (mlp_bias)")
     act = text.get("hidden_act") or text.get("hidden_activation") or "silu"
-    if act != "silu":
+    if arch not in GELU_GATED and act != "silu":
         raise _refuse(arch, f"only SiLU-gated MLPs are padded (hidden_act {act!r})")
     return arch
 

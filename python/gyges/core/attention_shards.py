@@ -106,3 +106,18 @@ def slice_o_proj(
         raise ValueError(f"o_proj weight must be [Hd, {cols}], got {tuple(weight.shape)}")
     index = o_proj_col_index(num_q_heads, num_kv_heads, head_dim, k, local_rank)
     return weight.index_select(1, index.to(weight.device))
+
+
+def rank_major_heads(num_q_heads: int, num_kv_heads: int, k: int, *, kv: bool) -> list[int]:
+    """The model head of each position when the k ranks' owned heads (q heads, or KV heads
+    with ``kv``) are concatenated in rank order, as an all-gather along heads yields them::
+
+        Hq = 4, Hkv = 2, k = 2:  rank 0 owns q heads 0 1, rank 1 owns 2 3 -> [0, 1, 2, 3]
+        Hq = Hkv = 4, k = 2:     rank 0 owns heads 0 2, rank 1 owns 1 3   -> [0, 2, 1, 3]
+    """
+    def owned(rank: int) -> list[int]:
+        if kv:
+            return owned_kv_heads(num_kv_heads, k, rank)
+        return owned_q_heads(num_q_heads, num_kv_heads, k, rank)
+
+    return [h for rank in range(k) for h in owned(rank)]

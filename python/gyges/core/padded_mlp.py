@@ -12,8 +12,9 @@ separately allocated flat buffer, padded to the allocation granule::
 
 with R = I/G. At degree k local rank r owns the shards s with s % k == r (interleaved, so
 ownership nests like the KV heads), and its partial MLP output is
-`sum over owned s of (silu(x gate_s^T) * (x up_s^T)) down_t(s)`; the k partials all-reduce
-to the dense MLP.
+`sum over owned s of (act(x gate_s^T) * (x up_s^T)) down_t(s)`; the k partials all-reduce
+to the dense MLP. ``act`` is SiLU (Llama, Qwen, ...) or GELU, exact or tanh-approximated
+(Gemma), as :data:`ACTIVATIONS` names them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ import torch.nn.functional as F
 from gyges.core.kv_layout import check_local_rank, is_power_of_two
 from gyges.core.shard_geometry import DEFAULT_GRANULE_BYTES, ShardGeometry
 
-__all__ = ["DEFAULT_GRANULE_BYTES", "PaddedMLP", "PaddedMLPWeights", "ShardGeometry"]
+__all__ = ["ACTIVATIONS", "DEFAULT_GRANULE_BYTES", "PaddedMLP", "PaddedMLPWeights",
+           "ShardGeometry"]
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_none": lambda x: F.gelu(x, approximate="none"),
+}
 
 
 class PaddedMLPWeights:
@@ -44,8 +52,14 @@ class PaddedMLPWeights:
         down: torch.Tensor,
         max_degree: int,
         granule_bytes: int = DEFAULT_GRANULE_BYTES,
+        activation: str = "silu",
     ) -> None:
-        """gate, up: `[I, Hd]`; down: `[Hd, I]` (torch Linear weight layout)."""
+        """gate, up: `[I, Hd]`; down: `[Hd, I]` (torch Linear weight layout); ``activation``
+        a key of :data:`ACTIVATIONS`, applied to the gate."""
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+        self.activation = activation
+        self._act = ACTIVATIONS[activation]
         if gate.dim() != 2 or gate.shape != up.shape:
             raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must be [I, Hd]")
         inter, hidden = gate.shape
@@ -81,13 +95,14 @@ class PaddedMLPWeights:
         down: torch.Tensor,
         max_degree: int,
         granule_bytes: int = DEFAULT_GRANULE_BYTES,
+        activation: str = "silu",
     ) -> PaddedMLPWeights:
         """From a fused `[2I, Hd]` gate_up weight (gate rows first, then up rows, as SGLang's
         MergedColumnParallelLinear stores them at TP1) and down `[Hd, I]`."""
         if gate_up.dim() != 2 or gate_up.shape[0] % 2 != 0:
             raise ValueError(f"gate_up must be [2I, Hd], got {tuple(gate_up.shape)}")
         gate, up = gate_up.chunk(2, dim=0)
-        return cls(gate, up, down, max_degree, granule_bytes)
+        return cls(gate, up, down, max_degree, granule_bytes, activation)
 
     # -- sizes -------------------------------------------------------------------------------
 
@@ -243,7 +258,7 @@ class PaddedMLPWeights:
         for s in self.owned_shards(k, local_rank):
             gate_up, down_t = self._views_of(s)
             g = F.linear(flat, gate_up)
-            partial = torch.mm(F.silu(g[:, :rows]) * g[:, rows:], down_t)
+            partial = torch.mm(self._act(g[:, :rows]) * g[:, rows:], down_t)
             if out is None:
                 out = partial
             else:

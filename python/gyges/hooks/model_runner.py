@@ -25,7 +25,7 @@ def after_post_load_model_transforms(_result: None, runner: Any) -> None:
     if converted == 0:
         raise NotImplementedError(
             f"gyges: {type(model).__name__} has no dense MLP Gyges can shard; "
-            "--enable-gyges supports Llama, Qwen2 and Qwen3 models"
+            "--enable-gyges supports the architectures in gyges.core.architectures"
         )
     model.gyges_mlp_storage = "padded"
     logger.info("Gyges: %d MLPs in padded shards (max TP %d, granule %d bytes)",

@@ -1,4 +1,5 @@
-"""Switch a TP1-loaded dense Llama/Qwen2/Qwen3 model to TP-k in place, and back.
+"""Switch a TP1-loaded dense decoder (Llama family, Qwen2/3, Granite, OLMo2, GLM-4, Gemma,
+InternLM2 names) to TP-k in place, and back.
 
 ``reshard_model`` keeps, on local rank r of a degree-k instance, the attention heads it owns
 (interleaved ownership, :mod:`gyges.core.attention_shards`) and the MLP columns of its shards
@@ -8,7 +9,13 @@ Embedding, LM head and logits stay replicated (built at TP1, they never reduce).
 
 SGLang builds o_proj with ``reduce_results=False`` and plans the attention sum away at TP1,
 so the resharded o_proj must all-reduce itself; the FFN sum is issued at call time over
-``get_parallel().tp_group`` once the parallel state says ``tp_size=k``.
+``get_parallel().tp_group`` once the parallel state says ``tp_size=k`` (models with layer
+boundaries), or by the MLP's own down projection (``reduce_results=True``: Granite, OLMo2,
+InternLM2, Gemma), which a padded MLP forward then does itself (gyges.hooks.models).
+
+Module names differ by model family (:data:`ATTN_NAMES`, :data:`MLP_NAMES`); :func:`parts`
+finds them. OLMo2's QK-norm over the whole q/k projection needs the full heads: its norm
+runs through gyges.hooks.models.around_olmo2_qk_norm while resharded.
 """
 from __future__ import annotations
 
@@ -27,12 +34,36 @@ _ATTRS = ("weight", "bias", "tp_group", "num_heads", "num_kv_heads", "q_size", "
 PADDED_MLP = "gyges_mlp"  # gyges.hooks.models.ATTR: a layer whose MLP lives in shards
 
 
+# (attention attribute of a layer, its fused QKV, its output projection)
+ATTN_NAMES = (("self_attn", "qkv_proj", "o_proj"), ("attention", "wqkv", "wo"))
+# (MLP attribute of a layer, its fused gate/up projection, its down projection)
+MLP_NAMES = (("mlp", "gate_up_proj", "down_proj"), ("feed_forward", "gate_up_proj", "w2"))
+
+
 def _layers(model: Any) -> list[Any]:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise NotImplementedError(f"gyges: cannot reshard {type(model).__name__}: no "
-                                  "model.layers (dense Llama/Qwen2/Qwen3 only)")
+                                  "model.layers (dense decoders only)")
     return list(layers)
+
+
+def parts(layer: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
+    """``(attention, mlp, qkv, o_proj, gate_up, down)`` of a decoder layer; raises
+    NotImplementedError naming what is missing."""
+    found = []
+    for names, what in ((ATTN_NAMES, "attention with a fused QKV and an output projection"),
+                        (MLP_NAMES, "dense gated MLP")):
+        for outer, first, second in names:
+            mod = getattr(layer, outer, None)
+            if mod is not None and hasattr(mod, first) and hasattr(mod, second):
+                found.append((mod, getattr(mod, first), getattr(mod, second)))
+                break
+        else:
+            raise NotImplementedError(f"gyges: {type(layer).__name__} has no {what}; only "
+                                      "dense gated MLPs can be resharded")
+    (a, qkv, o), (m, gu, dn) = found
+    return a, m, qkv, o, gu, dn
 
 
 def check_reshardable(model: Any, k: int, num_shards: int, *,
@@ -40,20 +71,15 @@ def check_reshardable(model: Any, k: int, num_shards: int, *,
     """Raise before anything changes if ``model`` cannot be resharded to degree ``k``
     (``already``: it is resharded now and will be restored to TP1 first)."""
     for layer in _layers(model):
-        a, m = layer.self_attn, layer.mlp
-        for name in ("qkv_proj", "o_proj"):
-            if not hasattr(a, name):
-                raise NotImplementedError(f"gyges: attention without {name}")
-        if not hasattr(m, "gate_up_proj") or not hasattr(m, "down_proj"):
-            raise NotImplementedError("gyges: only dense gated MLPs can be resharded")
-        if getattr(a.o_proj, "bias", None) is not None:
+        a, m, qkv, o, gu, _ = parts(layer)
+        if getattr(o, "bias", None) is not None:
             raise NotImplementedError("gyges: o_proj with a bias is not supported yet")
         if a.total_num_kv_heads % k:
             raise ValueError(f"degree {k} does not divide {a.total_num_kv_heads} KV heads")
-        inter = m.gate_up_proj.weight.shape[0] // 2
+        inter = gu.weight.shape[0] // 2
         if PADDED_MLP not in m.__dict__ and inter % num_shards:
             raise ValueError(f"MLP intermediate {inter} not divisible into {num_shards} shards")
-        if SAVED in vars(a.qkv_proj) and not already:
+        if SAVED in vars(qkv) and not already:
             raise RuntimeError("gyges: model is already resharded")
 
 
@@ -73,8 +99,7 @@ def reshard_model(model: Any, k: int, r: int, group: Any, num_shards: int) -> in
     check_reshardable(model, k, num_shards)
     new_bytes = 0
     for layer in _layers(model):
-        a, m = layer.self_attn, layer.mlp
-        qkv, o, gu, dn = a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj
+        a, m, qkv, o, gu, dn = parts(layer)
         for mod in (qkv, o, gu, dn, a, a.attn):
             _save(mod)
         hq_all, hkv_all, d = a.total_num_heads, a.total_num_kv_heads, a.head_dim
@@ -98,6 +123,7 @@ def reshard_model(model: Any, k: int, r: int, group: Any, num_shards: int) -> in
             # Padded shards: bind the owned ones (s % k == r); the member then releases the
             # others (gyges.comm.weight_transfer) and restores them on split.
             padded.set_degree(k, r)
+            dn.tp_group = group  # where a padded MLP that owes its own sum reduces
             new_bytes += sum(t.numel() * t.element_size() for t in (qkv.weight, o.weight))
             continue
         inter = gu.weight.shape[0] // 2
@@ -118,11 +144,11 @@ def reshard_model(model: Any, k: int, r: int, group: Any, num_shards: int) -> in
 def restore_tp1(model: Any) -> None:
     """Undo :func:`reshard_model` exactly (the saved TP1 tensors and attributes)."""
     for layer in _layers(model):
-        a, m = layer.self_attn, layer.mlp
+        a, m, qkv, o, gu, dn = parts(layer)
         padded = m.__dict__.get(PADDED_MLP)
         if padded is not None and not padded.weights.missing_shards(1, 0):
             padded.set_degree(1, 0)  # else the caller binds it once shards are back
-        for mod in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj, a, a.attn):
+        for mod in (qkv, o, gu, dn, a, a.attn):
             saved = vars(mod).pop(SAVED, None)
             if saved is None:
                 continue
@@ -134,7 +160,7 @@ def padded_weights(model: Any) -> list[Any]:
     """The padded MLP shard stores of every layer (empty if the MLPs are dense)."""
     out = []
     for layer in _layers(model):
-        padded = layer.mlp.__dict__.get(PADDED_MLP)
+        padded = parts(layer)[1].__dict__.get(PADDED_MLP)
         if padded is not None:
             out.append(padded.weights)
     return out

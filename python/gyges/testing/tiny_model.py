@@ -1,6 +1,6 @@
 """Write a tiny random HF-format checkpoint that SGLang and transformers both load.
 
-    python -m gyges.testing.tiny_model --out DIR --arch {llama,qwen2,qwen3} [--hidden N ...]
+    python -m gyges.testing.tiny_model --out DIR --arch {llama,qwen2,...} [--hidden N ...]
 
 The tokenizer is a byte-level BPE trained locally on a small generated corpus, with a
 ChatML-style chat template; nothing is fetched from a hub. Weights are random with a
@@ -15,7 +15,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-ARCHES = ("llama", "qwen2", "qwen3", "mistral")
+ARCHES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "olmo2", "glm4", "gemma",
+          "gemma2", "gemma3", "internlm2")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -122,21 +123,54 @@ def build_config(spec: TinyModelSpec, tokenizer):
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
         "mistral": transformers.MistralConfig,
+        "phi3": transformers.Phi3Config,
+        "granite": transformers.GraniteConfig,
+        "olmo2": transformers.Olmo2Config,
+        "glm4": transformers.Glm4Config,
+        "gemma": transformers.GemmaConfig,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3": transformers.Gemma3TextConfig,
     }[spec.arch]
-    extra = {"sliding_window": None} if spec.arch == "mistral" else {}
-    cfg = cls(**common, **extra)
+    cfg = cls(**{**common, **_EXTRA.get(spec.arch, {})})
+    if spec.arch.startswith("gemma"):
+        # transformers 5 names Gemma's activation hidden_activation; SGLang reads hidden_act
+        cfg.hidden_act = cfg.hidden_activation = "gelu_pytorch_tanh"
     cfg.torch_dtype = spec.dtype
     return cfg
+
+
+# Per-architecture config fields beyond the common ones: no sliding windows (Mistral, Phi-3);
+# Granite's muP multipliers away from 1 so each one is exercised.
+_EXTRA: dict[str, dict[str, object]] = {
+    "mistral": {"sliding_window": None},
+    "phi3": {"sliding_window": None},
+    "granite": {"embedding_multiplier": 4.0, "residual_multiplier": 0.5,
+                "attention_multiplier": 0.05, "logits_scaling": 2.0},
+    # Gemma: tied embeddings as SGLang always ties them; sliding windows short enough that
+    # the tests' requests outgrow them; soft-capping low enough to bite
+    "gemma": {"tie_word_embeddings": True},
+    "gemma2": {"tie_word_embeddings": True, "query_pre_attn_scalar": 32, "sliding_window": 48,
+               "attn_logit_softcapping": 10.0, "final_logit_softcapping": 10.0},
+    "gemma3": {"tie_word_embeddings": True, "query_pre_attn_scalar": 32, "sliding_window": 48,
+               "layer_types": ["sliding_attention", "full_attention"]},
+}
 
 
 def write_tiny_model(out: str | Path, spec: TinyModelSpec) -> Path:
     """Write config, safetensors weights, tokenizer and generation config to ``out``."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec.vocab, spec.seed)
+    if spec.arch == "internlm2":  # no transformers classes: written by hand
+        from gyges.testing.tiny_internlm2 import write_internlm2
+
+        cfg = write_internlm2(out, spec, tokenizer)
+        _finish(out, spec, tokenizer, cfg["bos_token_id"], cfg["eos_token_id"],
+                cfg["pad_token_id"])
+        return out
     config = build_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
@@ -144,16 +178,24 @@ def write_tiny_model(out: str | Path, spec: TinyModelSpec) -> Path:
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0.0, spec.init_std)
+            elif spec.arch == "olmo2" and name.endswith(("q_norm.weight", "k_norm.weight")):
+                # OLMo2's QK-norm spans all heads: distinct weights per head make a head
+                # order mistake in a resharded norm visible
+                p.normal_(1.0, 0.2)
     model = model.to(getattr(torch, spec.dtype))
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-    ).save_pretrained(out)
-    (out / "gyges_tiny_model.json").write_text(json.dumps(spec.__dict__, indent=2))
+    _finish(out, spec, tokenizer, config.bos_token_id, config.eos_token_id,
+            config.pad_token_id)
     return out
+
+
+def _finish(out: Path, spec: TinyModelSpec, tokenizer, bos: int, eos: int, pad: int) -> None:
+    """Tokenizer, generation config and the spec marker (written last: the cache's key)."""
+    from transformers import GenerationConfig
+
+    tokenizer.save_pretrained(out)
+    GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).save_pretrained(out)
+    (out / "gyges_tiny_model.json").write_text(json.dumps(spec.__dict__, indent=2))
 
 
 def _parse(argv: list[str] | None) -> tuple[Path, TinyModelSpec]:
