@@ -78,8 +78,8 @@ def _req_not_movable(req: Any) -> str | None:
     (:mod:`gyges.switch.request_state`); these do not."""
     if getattr(req, "multimodal_inputs", None) is not None:
         return "multimodal inputs (their encoder state is not moved)"
-    if getattr(req, "session_id", None) is not None:
-        return "a streaming session (/open_session state is not moved)"
+    if getattr(req, "session", None) is not None or getattr(req, "session_id", None):
+        return "a session (/open_session state is not moved)"
     return None
 
 
