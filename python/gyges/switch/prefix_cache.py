@@ -76,8 +76,12 @@ def export_tree(tree: Any, slot_offset: int = 0,
     if tree is None:
         return out, 0, 0
 
-    def walk(node: Any, parent: int) -> None:
-        for child in sorted(node.children.values(), key=_order):
+    # depth-first, parents before children, without recursion (a long multi-turn tree is
+    # deep; a merge must not hit Python's recursion limit)
+    stack: list[tuple[Any, int]] = [(_root(tree), -1)]
+    while stack:
+        node, parent = stack.pop()
+        for child in reversed(sorted(node.children.values(), key=_order)):
             value = _value(child)
             if value is None:  # evicted to host (hierarchical cache): stop here
                 continue
@@ -89,9 +93,7 @@ def export_tree(tree: Any, slot_offset: int = 0,
                 continue
             out.append(CachedNode(parent, [int(x) for x in child.key], slots + slot_offset,
                                   child.key.extra_key, child.key.cache_salt))
-            walk(child, len(out) - 1)
-
-    walk(_root(tree), -1)
+            stack.append((child, len(out) - 1))
     return out, dropped[0], dropped[1]
 
 
@@ -136,10 +138,13 @@ def _order(node: Any) -> tuple:
 
 
 def _size(node: Any) -> tuple[int, int]:
-    n, t = 1, len(node.key)
-    for child in node.children.values():
-        cn, ct = _size(child)
-        n, t = n + cn, t + ct
+    """Nodes and tokens in the subtree under (and including) ``node``."""
+    n = t = 0
+    stack = [node]
+    while stack:
+        x = stack.pop()
+        n, t = n + 1, t + len(x.key)
+        stack.extend(x.children.values())
     return n, t
 
 
