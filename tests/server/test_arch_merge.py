@@ -24,7 +24,7 @@ CASES = {
     "qwen2": ("qwen2", {}, []),
     "qwen3": ("qwen3", {}, []),
     "mistral": ("mistral", {}, []),
-    "phi3": ("phi3", {}, []),
+    "phi3": ("phi3", {"seed": 1}, []),
     "granite": ("granite", {}, []),
     "olmo2": ("olmo2", {}, []),
     "glm4": ("glm4", {}, []),

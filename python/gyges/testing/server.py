@@ -103,7 +103,7 @@ class SGLangServer:
         self._base_args = [
             sys.executable, "-m", "sglang.launch_server", "--model-path", self.model,
             "--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
-            "--mem-fraction-static", "0.05", "--max-total-tokens", str(max_total_tokens),
+            "--mem-fraction-static", "0.5", "--max-total-tokens", str(max_total_tokens),
             "--dp-size", str(dp_size), "--tp-size", str(tp_size),
             "--host", "127.0.0.1", "--skip-server-warmup",
             *(["--enable-gyges"] if gyges else []), *extra_args,
