@@ -221,3 +221,45 @@ def test_abort_during_merge_is_cleaned_up(srv, baseline):
         assert greedy_outputs(srv.url)["ids"] == baseline["ids"]
     finally:
         split(srv.url)
+
+
+def test_overlap_scheduler_stays_on_and_requests_finish_across_the_settle(srv, baseline):
+    """SGLang's overlap scheduler stays on under --enable-gyges. A merge and a split settle
+    the step in flight: short requests of staggered lengths, sent in waves, finish in the
+    settled step, in a moved batch or after it; each equals its output without any
+    transformation (measured first, one by one); one is aborted mid-merge."""
+    info = requests.get(srv.url + "/server_info", timeout=30).json()
+    assert info["disable_overlap_schedule"] is False
+    prompts = [[(11 * i + 5 * j) % 300 + 5 for j in range(4 + i % 7)] for i in range(16)]
+    lengths = [2 + (3 * i) % 17 for i in range(16)]
+    ref = [stream_generate(srv.url, p, n)[-1]["output_ids"] for p, n in
+           zip(prompts, lengths, strict=True)]
+    results: dict[int, list[dict]] = {}
+
+    def wave(first: int) -> list[threading.Thread]:
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, stream_generate(srv.url, prompts[i], lengths[i]))) for i in range(first, first + 8)]
+        for t in threads:
+            t.start()
+        return threads
+
+    long_rid = "gyges-overlap-abort"
+    aborted: list[list[dict]] = []
+    long_req = threading.Thread(target=lambda: aborted.append(
+        stream_generate(srv.url, [9, 8, 7], 3000, rid=long_rid)))
+    long_req.start()
+    wait_until_streaming(srv.url, 1)
+    threads = wave(0)
+    out = merge(srv.url)
+    requests.post(srv.url + "/abort_request", json={"rid": long_rid}, timeout=30)
+    threads += wave(8)
+    moved = out["requests_moved"]
+    out = split(srv.url)
+    for t in [*threads, long_req]:
+        t.join(timeout=300)
+    assert moved["running"] + moved["waiting"] >= 1, moved  # the long request, at least
+    assert aborted and aborted[0][-1]["meta_info"]["finish_reason"]["type"] == "abort"
+    for i, want in enumerate(ref):
+        assert results[i][-1]["output_ids"] == want, f"request {i} diverged"
+    assert "settled the overlapped step in flight" in srv.log_path.read_text(errors="replace")
+    assert greedy_outputs(srv.url) == baseline

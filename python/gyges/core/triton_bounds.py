@@ -61,7 +61,8 @@ def check_triton_offsets(layout: HeadMajorLayout) -> None:
             f"head-major KV storage too large for SGLang's Triton attention kernels: "
             f"H={h} KV heads x S={s} slots x D={d} head dim = {layout.numel} elements per "
             f"layer; the kernels address offsets up to {worst}, the head part in int32 "
-            f"(max {INT32_MAX}). Use at most {triton_max_slots(h, d)} slots per replica."
+            f"(max {INT32_MAX}). Use at most "
+            f"{triton_max_slots(h, d)} slots per replica (--max-total-tokens)."
         )
 
 

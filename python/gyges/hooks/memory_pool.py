@@ -18,6 +18,7 @@ from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from gyges.core.kv_layout import HeadMajorLayout
+from gyges.core.triton_bounds import check_triton_offsets
 
 
 class HeadMajorKVPool(MHATokenToKVPool):
@@ -54,6 +55,7 @@ class HeadMajorKVPool(MHATokenToKVPool):
         slots = self.size + self.page_size
         self.gyges_k_layout = HeadMajorLayout(self.head_num, slots, self.head_dim)
         self.gyges_v_layout = HeadMajorLayout(self.head_num, slots, self.v_head_dim)
+        _check_backend_bounds(self.gyges_k_layout, self.gyges_v_layout)
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
             self.gyges_k_storage = [self.gyges_k_layout.allocate(self.store_dtype, self.device)
                                     for _ in range(self.layer_num)]
@@ -139,3 +141,13 @@ class HeadMajorKVPool(MHATokenToKVPool):
             "gyges: HiCache / host KV pools assume token-major rows; they are not supported "
             "with the head-major KV pool (--enable-gyges)"
         )
+
+
+def _check_backend_bounds(*layouts: HeadMajorLayout) -> None:
+    """Refuse a pool the configured attention backend cannot address (sizes in the error):
+    SGLang's Triton kernels keep the head offset in int32 (:mod:`gyges.core.triton_bounds`)."""
+    from sglang.srt.runtime_context import attention_backends
+
+    if "triton" in attention_backends():
+        for layout in layouts:
+            check_triton_offsets(layout)

@@ -13,6 +13,7 @@ from typing import Any
 
 from gyges.config import DEFAULT_GRANULE_BYTES, POLICIES, GygesConfig, GygesConfigError
 from gyges.core.architectures import UnsupportedArchitecture, check_architecture
+from gyges.core.serving_path import DEFAULT_BACKEND, ServingPath, refusal, resolve_device
 
 TARGET = "sglang.srt.server_args.ServerArgs"
 ATTR = "_gyges"
@@ -71,14 +72,33 @@ def from_cli_args(result: Any, _cls: type, args: argparse.Namespace) -> None:
         raise SystemExit(2) from None
     setattr(result, ATTR, config)
     if enabled:
+        _check_serving_path(result)
         # The prefix cache survives transformations by walking the radix tree's nodes
         # (switch/prefix_cache); SGLang's Rust tree core exposes none, its Python core
         # does. An explicit choice is kept (then only running requests' prefixes survive).
         os.environ.setdefault(TREE_CORE_ENV, "python")
-    if enabled and not result.disable_overlap_schedule:
-        # Live merge/split moves the work of a settled step; the overlap scheduler always
-        # has one step in flight (on CPU it overlaps nothing anyway).
-        result.disable_overlap_schedule = True
+
+
+BACKEND_FLAGS = {"--attention-backend": "attention_backend",
+                 "--prefill-attention-backend": "prefill_attention_backend",
+                 "--decode-attention-backend": "decode_attention_backend"}
+
+
+def _check_serving_path(result: Any) -> None:
+    """Exit 2 with one line on a device, attention backend or CUDA setting Gyges has not
+    built or verified; an unset --attention-backend becomes the device's verified one."""
+    import torch
+
+    device = resolve_device(result.device, torch.cuda.is_available())
+    path = ServingPath(device, {flag: getattr(result, name)
+                                for flag, name in BACKEND_FLAGS.items()},
+                       cuda_graph=not result.disable_cuda_graph)
+    why = refusal(path)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        raise SystemExit(2)
+    if result.attention_backend is None:
+        result.attention_backend = DEFAULT_BACKEND[device]
 
 
 def gyges_config(server_args: Any) -> GygesConfig | None:

@@ -27,6 +27,7 @@ answer why; the transformation then waits or refuses.
 """
 from __future__ import annotations
 
+import logging
 import pickle
 from array import array
 from collections.abc import Sequence
@@ -37,6 +38,8 @@ import torch
 
 from gyges.switch import prefix_cache, request_state
 from gyges.switch.capacity import set_free_pages
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,8 +59,6 @@ class Work:
 
 def not_movable(s: Any) -> str | None:
     """Why this scheduler's work cannot be moved right now (None: it can)."""
-    if getattr(s, "enable_overlap", False):
-        return "the overlap scheduler is on (Gyges runs with --disable-overlap-schedule)"
     if not s.spec_algorithm.is_none():
         return "speculative decoding is not supported by live merge/split"
     if s.chunked_req is not None:
@@ -84,7 +85,21 @@ def _req_not_movable(req: Any) -> str | None:
 
 
 def settle(s: Any) -> None:
-    """Fold the last extend batch into the running batch and drop finished requests."""
+    """Process the step in flight (overlap scheduler), fold the last extend batch into the
+    running batch and drop finished requests.
+
+    Under SGLang's overlap scheduler the step launched in the previous iteration has run and
+    sampled but its result is still queued when commands are read: processing it here (as
+    the loop's ``pop_and_process`` would) appends its tokens and finishes its requests, so
+    the moved work is that of a settled step. ``last_batch`` is cleared, so the loop does
+    not pop again; serving resumes overlapped with the next step.
+    """
+    queue = getattr(s, "result_queue", None)
+    while queue:
+        batch, result = queue.popleft()
+        s.process_batch_result(batch, result)
+        logger.info("Gyges: settled the overlapped step in flight (%d requests)",
+                    len(batch.reqs))
     lb = s.last_batch
     if lb is not None and lb.forward_mode.is_extend() and lb is not s.running_batch:
         lb.filter_batch()

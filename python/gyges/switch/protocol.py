@@ -158,6 +158,9 @@ def clear_scheduler(scheduler: Any) -> None:
     s.running_batch = ScheduleBatch(reqs=[], batch_is_full=False)
     s.waiting_queue = []
     s.last_batch = None
+    queue = getattr(s, "result_queue", None)
+    if queue:
+        queue.clear()
     s.chunked_req = None
     gm = getattr(s, "grammar_manager", None)
     if gm is not None and hasattr(gm, "grammar_queue"):
