@@ -277,7 +277,7 @@ def _restore_packed(weights: list[PaddedMLPWeights], k: int, rank: int, pg) -> N
         if src == rank:
             continue
         for layer, w in enumerate(weights):
-            buf = w.allocate_shard()
+            buf = w.allocate_shard(src)
             start = (src * len(weights) + layer) * numel
             buf[:numel].copy_(recv[start : start + numel])
             w.adopt(src, buf)

@@ -151,7 +151,7 @@ def test_release_is_all_or_nothing_and_restore_validates() -> None:
 def test_adopt_installs_a_received_buffer_without_copying() -> None:
     mlp, donor = _weights(), _weights()
     mlp.release([2, 5])
-    buf = mlp.allocate_shard()
+    buf = mlp.allocate_shard(2)
     assert buf.shape == donor.shard_buffer(2).shape and not buf[3 * 8 * 16 :].any()
     buf[: 3 * 8 * 16].copy_(donor.shard_buffer(2)[: 3 * 8 * 16])  # what a peer would send
     mlp.adopt(2, buf)
@@ -159,7 +159,7 @@ def test_adopt_installs_a_received_buffer_without_copying() -> None:
     assert torch.equal(mlp.shard_buffer(2), donor.shard_buffer(2))
     assert torch.equal(mlp.gate_up(2), donor.gate_up(2))
     with pytest.raises(ValueError, match="already resident"):
-        mlp.adopt(2, mlp.allocate_shard())
+        mlp.adopt(2, mlp.allocate_shard(2))
     with pytest.raises(ValueError, match="allocate_shard"):
         mlp.adopt(5, torch.zeros(buf.numel() - 1))
     with pytest.raises(ValueError, match="allocate_shard"):

@@ -7,9 +7,12 @@ and, for each degree 2..max_tp, the one aligned group it belongs to, in the same
 every rank, then verifies each group with an all-reduce. A transformation later only
 looks groups up.
 
-CPU only: the "device group" of a :class:`PoolGroup` is the gloo group itself. The GPU
-path (an NCCL group per aligned group, plus pynccl for CUDA graphs) is not written yet:
-``build(device="cuda")`` raises ``NotImplementedError``.
+Each :class:`PoolGroup` has a CPU group (metadata: pickled requests, votes, plans) and a
+device group (payload: KV blocks, MLP shards), made by the device's :data:`GroupFactory`
+in :data:`GROUP_FACTORIES`. On CPU both are the same gloo group. The GPU factory (an NCCL
+device group per aligned group through SGLang's ``init_model_parallel_group``, beside a
+gloo CPU group) plugs in there; it is not written yet: ``build(device="cuda")`` raises
+``NotImplementedError``, and startup refuses CUDA before that.
 
 The process groups are built directly on the store and are not registered with
 ``torch.distributed``'s global world (each SGLang replica has its own size-1 world);
@@ -21,7 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -57,14 +60,32 @@ def new_gloo_group(store: dist.Store, name: str, rank: int, size: int,
     return pg
 
 
+class GroupFactory(Protocol):
+    """Makes one pooled group's ``(cpu_group, device_group)`` over ``store``; blocks until
+    all ``size`` ranks joined. Called in the same order on every rank."""
+
+    def __call__(self, store: dist.Store, name: str, rank: int, size: int,
+                 timeout_s: float) -> tuple[dist.ProcessGroup, dist.ProcessGroup]: ...
+
+
+def gloo_groups(store: dist.Store, name: str, rank: int, size: int,
+                timeout_s: float) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """CPU: one gloo group serves as both."""
+    pg = new_gloo_group(store, name, rank, size, timeout_s)
+    return pg, pg
+
+
+GROUP_FACTORIES: dict[str, GroupFactory] = {"cpu": gloo_groups}
+
+
 @dataclass(frozen=True)
 class PoolGroup:
     """One pre-created group: host ranks, this process's rank in it, and its groups."""
 
     ranks: tuple[int, ...]
     rank_in_group: int
-    cpu_group: dist.ProcessGroup
-    device_group: dist.ProcessGroup  # the same gloo group on CPU
+    cpu_group: dist.ProcessGroup  # metadata
+    device_group: dist.ProcessGroup  # payload; the same gloo group on CPU
 
 
 class CommCheck(NamedTuple):
@@ -96,21 +117,23 @@ class CommunicatorPool:
     def build(cls, store: dist.Store, rank: int, world_size: int, max_tp: int, *,
               timeout_s: float = 120.0, device: str = "cpu") -> CommunicatorPool:
         """Create and verify every group of ``rank``; collective over all ``world_size`` ranks."""
-        if device != "cpu":
+        factory = GROUP_FACTORIES.get(device)
+        if factory is None:
             raise NotImplementedError(
-                "Gyges communicator pool: only CPU (gloo) groups exist yet; the NCCL device "
-                "groups for GPUs are not implemented"
+                f"Gyges communicator pool: no group factory for device {device!r}; only CPU "
+                "(gloo) groups exist yet, the NCCL device groups for GPUs are not implemented"
             )
         t0 = time.perf_counter()
         world_ranks = tuple(range(world_size))
-        world = new_gloo_group(store, "world", rank, world_size, timeout_s)
-        groups = {world_ranks: PoolGroup(world_ranks, rank, world, world)}
+        groups = {world_ranks: PoolGroup(world_ranks, rank, *factory(
+            store, "world", rank, world_size, timeout_s))}
         for k in pool_degrees(max_tp):
             ranks = group_of(rank, k)
             if ranks in groups:
                 continue
-            pg = new_gloo_group(store, f"tp{k}-{ranks[0]}", ranks.index(rank), k, timeout_s)
-            groups[ranks] = PoolGroup(ranks, ranks.index(rank), pg, pg)
+            r = ranks.index(rank)
+            groups[ranks] = PoolGroup(ranks, r, *factory(store, f"tp{k}-{ranks[0]}", r, k,
+                                                          timeout_s))
         pool = cls(rank, world_size, max_tp, groups, 0.0)
         pool.verify()
         pool.build_ms = (time.perf_counter() - t0) * 1000

@@ -98,7 +98,7 @@ def restore_shards(
             works.append(pg.send([mlp.shard_buffer(move.shard)[:numel]], move.dst, tag))
             sent += mlp.geometry.nbytes
         if move.dst == local_rank:
-            buf = mlp.allocate_shard()
+            buf = mlp.allocate_shard(move.shard)
             works.append(pg.recv([buf[:numel]], move.src, tag))
             received.append((move, buf))
             got += mlp.geometry.nbytes

@@ -19,17 +19,19 @@ to the dense MLP. ``act`` is SiLU (Llama, Qwen, ...) or GELU, exact or tanh-appr
 
 from __future__ import annotations
 
-import mmap
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from gyges.core.kv_layout import check_local_rank, is_power_of_two
+from gyges.core.shard_allocator import ShardAllocator, default_allocator
 from gyges.core.shard_geometry import DEFAULT_GRANULE_BYTES, ShardGeometry
 
 __all__ = ["ACTIVATIONS", "DEFAULT_GRANULE_BYTES", "PaddedMLP", "PaddedMLPWeights",
            "ShardGeometry"]
+
+AllocatorFactory = Callable[[ShardGeometry, torch.dtype, torch.device], ShardAllocator]
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -53,9 +55,12 @@ class PaddedMLPWeights:
         max_degree: int,
         granule_bytes: int = DEFAULT_GRANULE_BYTES,
         activation: str = "silu",
+        allocator: AllocatorFactory = default_allocator,
     ) -> None:
         """gate, up: `[I, Hd]`; down: `[Hd, I]` (torch Linear weight layout); ``activation``
-        a key of :data:`ACTIVATIONS`, applied to the gate."""
+        a key of :data:`ACTIVATIONS`, applied to the gate; ``allocator`` builds this
+        weight's :class:`~gyges.core.shard_allocator.ShardAllocator` from its geometry,
+        dtype and device."""
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
         self.activation = activation
@@ -75,6 +80,7 @@ class PaddedMLPWeights:
         self.geometry = ShardGeometry.for_mlp(
             hidden, inter, max_degree, gate.element_size(), granule_bytes
         )
+        self.allocator = allocator(self.geometry, self.dtype, self.device)
         rows = self.geometry.rows
         self._buffers: list[torch.Tensor | None] = [None] * max_degree
         # (gate_up, down_t) views of each resident buffer, made once: the forward runs per
@@ -82,7 +88,7 @@ class PaddedMLPWeights:
         self._views: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * max_degree
         for s in range(max_degree):
             cols = slice(s * rows, (s + 1) * rows)
-            buf = self._new_buffer()
+            buf = self.allocator.allocate(s)
             self._gate_up_of(buf)[:rows].copy_(gate[cols])
             self._gate_up_of(buf)[rows:].copy_(up[cols])
             self._down_t_of(buf).copy_(down[:, cols].t())
@@ -182,8 +188,11 @@ class PaddedMLPWeights:
             if not self.is_resident(s):
                 raise ValueError(f"shard {s} is not resident")
         for s in shards:
+            buf = self._buffers[s]
             self._buffers[s] = None
             self._views[s] = None
+            assert buf is not None
+            self.allocator.free(s, buf)
         return self.geometry.padded_nbytes * len(shards)
 
     def release_unowned(self, k: int, local_rank: int) -> int:
@@ -204,15 +213,16 @@ class PaddedMLPWeights:
                 f"shard data has {flat.numel()} elements, expected {self.geometry.numel} "
                 f"(unpadded) or {self.geometry.padded_numel} (padded)"
             )
-        buf = self.allocate_shard()
+        buf = self.allocate_shard(shard)
         buf[: flat.numel()].copy_(flat)
         self._install(shard, buf)
 
-    def allocate_shard(self) -> torch.Tensor:
-        """A new flat padded buffer (padding zeroed, contents undefined) to receive a shard
-        into, e.g. straight from a peer; then :meth:`adopt` it. On CPU it is its own
-        anonymous mmap, so a later release unmaps it at once."""
-        return self._new_buffer()
+    def allocate_shard(self, shard: int) -> torch.Tensor:
+        """A new flat padded buffer for ``shard`` (padding zeroed, contents undefined) to
+        receive it into, e.g. straight from a peer; then :meth:`adopt` it. From this
+        weight's allocator (on CPU its own anonymous mmap, unmapped at release)."""
+        self._check_shard(shard)
+        return self.allocator.allocate(shard)
 
     def adopt(self, shard: int, buf: torch.Tensor) -> None:
         """Re-materialise a released shard by installing `buf`, a buffer from
@@ -267,16 +277,6 @@ class PaddedMLPWeights:
         return out.view(*x.shape[:-1], self.hidden)
 
     # -- internals -----------------------------------------------------------------------------
-
-    def _new_buffer(self) -> torch.Tensor:
-        """A flat padded buffer with zeroed padding. On CPU it is its own anonymous mmap, so
-        dropping it unmaps the pages at once (glibc malloc may keep freed chunks below its
-        dynamic mmap threshold in the heap, where RSS never shrinks)."""
-        if self.device.type == "cpu":
-            return torch.frombuffer(mmap.mmap(-1, self.geometry.padded_nbytes), dtype=self.dtype)
-        buf = torch.empty(self.geometry.padded_numel, dtype=self.dtype, device=self.device)
-        buf[self.geometry.numel :].zero_()
-        return buf
 
     def _gate_up_of(self, buf: torch.Tensor) -> torch.Tensor:
         rows, hidden = self.shard_rows, self.hidden

@@ -43,7 +43,7 @@ def before_run_event_loop(scheduler: Any) -> None:
     if not reply.get("ok"):
         raise RuntimeError(f"gyges: controller refused rank {rank}: {reply.get('error')}")
     logger.info("Gyges: rank %d registered with the host controller", rank)
-    pool = join_pool(rank, reply["pool"])
+    pool = join_pool(rank, reply["pool"], str(scheduler.tp_worker.model_runner.device))
     commands.handlers["comm_check"] = lambda msg: comm_check(pool, msg)
     reply = request(address, {"op": "pool_ready", "rank": rank, "build_ms": pool.build_ms})
     if not reply.get("ok"):
@@ -55,10 +55,12 @@ def before_run_event_loop(scheduler: Any) -> None:
     scheduler._gyges_member = GroupMember(scheduler, pool, commands)
 
 
-def join_pool(rank: int, info: Message) -> CommunicatorPool:
-    """Build this rank's pooled groups; blocks until every rank of the host has joined."""
+def join_pool(rank: int, info: Message, device: str) -> CommunicatorPool:
+    """Build this rank's pooled groups for ``device`` (its payload groups); blocks until
+    every rank of the host has joined."""
     pool = CommunicatorPool.build(connect_store(int(info["store_port"])), rank,
-                                  int(info["world_size"]), int(info["max_tp"]))
+                                  int(info["world_size"]), int(info["max_tp"]),
+                                  device=device.split(":")[0])
     logger.info("Gyges: rank %d communicator pool ready: groups %s built and verified in "
                 "%.1f ms", rank, sorted(pool.groups), pool.build_ms)
     return pool
