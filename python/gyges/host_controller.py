@@ -130,6 +130,13 @@ class HostController:
         if not 0 <= info.rank < self.config.dp_size:
             raise ControlError(f"hello from unknown rank {info.rank}")
         with self._lock:
+            for other in self._ranks.values():
+                if other.rank != info.rank and other.capacity_tokens != info.capacity_tokens:
+                    # merged views reinterpret every member's storage with one slot count
+                    raise ControlError(
+                        f"rank {info.rank} has {info.capacity_tokens} KV slots but rank "
+                        f"{other.rank} has {other.capacity_tokens}; every replica of a Gyges "
+                        "host needs the same (set --max-total-tokens)")
             self._ranks[info.rank] = info
         if self._store_port is None:
             return {}

@@ -43,6 +43,8 @@ def load() -> None:
         tokenizer_manager.after_validate_one_request, HookType.AFTER)
     reg(f"{kv_cache_configurator.TARGET}._resolve_kv_pool_class",
         kv_cache_configurator.around_resolve_kv_pool_class, HookType.AROUND)
+    reg(f"{kv_cache_configurator.TARGET}._apply_token_constraints",
+        kv_cache_configurator.around_apply_token_constraints, HookType.AROUND)
     reg(f"{model_runner.TARGET}.maybe_apply_post_load_model_transforms",
         model_runner.after_post_load_model_transforms, HookType.AFTER)
     for mlp in models.MLP_TARGETS:

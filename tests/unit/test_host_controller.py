@@ -48,6 +48,9 @@ def test_hello_validation():
         host.handlers()["hello"](hello(5))
     with pytest.raises(ControlError):
         host.handlers()["hello"]({"op": "hello", "rank": 0})
+    host.handlers()["hello"](hello(0))
+    with pytest.raises(ControlError, match="rank 1 has 999 KV slots but rank 0 has 1000"):
+        host.handlers()["hello"](hello(1, cap=999))
 
 
 def test_topology_lookup():

@@ -93,9 +93,9 @@ class SGLangServer:
     """A real ``python -m sglang.launch_server`` process on CPU (float32, torch_native)."""
 
     def __init__(self, model: str | Path, *, dp_size: int = 1, tp_size: int = 1,
-                 gyges: bool = False, max_total_tokens: int = 4096,
-                 extra_args: Sequence[str] = (), startup_timeout_s: float = 600.0,
-                 port: int | None = None) -> None:
+                 gyges: bool = False, max_total_tokens: int | None = 4096,
+                 mem_fraction_static: float = 0.5, extra_args: Sequence[str] = (),
+                 startup_timeout_s: float = 600.0, port: int | None = None) -> None:
         self.model = str(model)
         self._port_fixed = port is not None
         self.port = port or free_port()
@@ -103,7 +103,8 @@ class SGLangServer:
         self._base_args = [
             sys.executable, "-m", "sglang.launch_server", "--model-path", self.model,
             "--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
-            "--mem-fraction-static", "0.5", "--max-total-tokens", str(max_total_tokens),
+            "--mem-fraction-static", str(mem_fraction_static),
+            *(["--max-total-tokens", str(max_total_tokens)] if max_total_tokens else []),
             "--dp-size", str(dp_size), "--tp-size", str(tp_size),
             "--host", "127.0.0.1", "--skip-server-warmup",
             *(["--enable-gyges"] if gyges else []), *extra_args,

@@ -1,0 +1,31 @@
+"""Without --max-total-tokens SGLang sizes each replica's KV pool from the memory it sees
+when it profiles, so replicas differ (991946 vs 765909 slots seen here). Under
+--enable-gyges they agree on the smallest before allocating: every replica reports the
+same capacity, and a merge with streams in flight stays exact."""
+from __future__ import annotations
+
+import requests
+
+from gyges.testing.clients import start_streams, stream_generate
+from gyges.testing.server import SGLangServer, tiny_model
+from gyges.testing.tiny_model import LLAMA_GQA
+
+PROMPTS = [[(5 * i + 3 * j) % 300 + 5 for j in range(n)] for i, n in enumerate((8, 21, 13, 30))]
+
+
+def test_replicas_agree_on_kv_capacity_and_merge_exactly():
+    with SGLangServer(tiny_model(LLAMA_GQA), dp_size=2, gyges=True, max_total_tokens=None,
+                      mem_fraction_static=0.06) as srv:
+        st = requests.get(srv.url + "/gyges/status", timeout=30).json()
+        caps = [i["capacity_tokens"] for i in st["instances"]]
+        assert len(caps) == 2 and caps[0] == caps[1] and caps[0] > 4096, caps
+        want = [stream_generate(srv.url, p, 80)[-1]["output_ids"] for p in PROMPTS]
+        threads, got = start_streams(srv.url, PROMPTS, 80, min_chunks=3)
+        r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["requests_moved"]["running"] >= 2, r.json()["requests_moved"]
+        r = requests.post(srv.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120)
+        assert r.status_code == 200, r.text
+        for t in threads:
+            t.join(timeout=300)
+        assert [got[i][-1]["output_ids"] for i in range(len(PROMPTS))] == want
