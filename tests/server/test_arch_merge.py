@@ -7,12 +7,10 @@ token, the transformation met live work (``requests_moved``) and the streams dec
 merged (the TP2 computation is what is compared, not only the moves)."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import requests
 
-from gyges.testing.clients import start_streams, stream_generate
+from gyges.testing.clients import start_streams, stream_generate, wait_for_more_chunks
 from gyges.testing.server import SGLangServer, tiny_model
 
 PROMPTS = [[(13 * i + 7 * j) % 400 + 5 for j in range(n)] for i, n in enumerate((11, 30, 6, 45))]
@@ -53,7 +51,7 @@ def test_merge_and_split_with_streams_equal_stock(case):
         r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["requests_moved"]["running"] >= 2, r.json()["requests_moved"]
-        _decode_while_merged(got)
+        wait_for_more_chunks(got, 8)
         r = requests.post(srv.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["requests_moved"]["running"] >= 1, r.json()["requests_moved"]
@@ -63,13 +61,3 @@ def test_merge_and_split_with_streams_equal_stock(case):
             assert got[i][-1]["output_ids"] == w, f"{case} stream {i} differs from stock"
             assert got[i][-1]["meta_info"]["num_retractions"] == 0
 
-
-def _decode_while_merged(got: dict[int, list[dict]], chunks: int = 8,
-                         timeout_s: float = 120.0) -> None:
-    """Wait until every unfinished stream has streamed ``chunks`` more chunks."""
-    start = {i: len(c) for i, c in got.items()}
-    deadline = time.monotonic() + timeout_s
-    while any(len(c) - start[i] < chunks and not c[-1]["meta_info"].get("finish_reason")
-              for i, c in got.items()):
-        assert time.monotonic() < deadline, "streams stalled while merged"
-        time.sleep(0.05)

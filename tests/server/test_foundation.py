@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from gyges.testing.clients import greedy_outputs
-from gyges.testing.server import SGLangServer, cpu_env, tiny_model
+from gyges.testing.server import SGLangServer, cpu_env, parse_server_args, tiny_model
 from gyges.testing.tiny_model import LLAMA_GQA
 
 ARCHES = {
@@ -100,26 +100,6 @@ INVALID = [
     (["--dp-size", "6", "--gyges-max-tp", "4"], "--dp-size 6 must be a multiple"),
 ]
 
-# Runs SGLang's own CLI parsing (plugins loaded, as launch_server does) on each case.
-_PARSE_EACH = """
-import json, sys, contextlib, io
-from sglang.srt.plugins import load_plugins
-from sglang.srt.server_args import prepare_server_args
-load_plugins()
-out = []
-for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            prepare_server_args(argv)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    out.append([code, err.getvalue()])
-print(json.dumps(out))
-"""
-
-
 def _model_for(message: str) -> str:
     # The "larger than KV heads" case needs a model with 2 KV heads; the others use 8.
     return str(tiny_model(arch="llama", heads=8, kv_heads=2 if "KV heads" in message else 8))
@@ -128,10 +108,7 @@ def _model_for(message: str) -> str:
 def test_invalid_flag_combinations_are_refused():
     cases = [["--model-path", _model_for(m), "--device", "cpu", "--enable-gyges", *flags]
              for flags, m in INVALID]
-    proc = subprocess.run([sys.executable, "-c", _PARSE_EACH, json.dumps(cases)],
-                          env=cpu_env(1), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = [(r["code"], r["stderr"]) for r in parse_server_args(cases)]
     for (flags, message), (code, err) in zip(INVALID, results, strict=True):
         assert code == 2, (flags, err)
         assert message in err, (flags, err)
@@ -179,10 +156,7 @@ def _config_dir(tmp_path, model_type: str, arch: str) -> str:
 def test_unsupported_architectures_are_refused_before_loading(tmp_path):
     cases = [["--model-path", _config_dir(tmp_path, t, a), "--device", "cpu",
               "--enable-gyges", "--dp-size", "2"] for t, a, _ in REFUSED]
-    proc = subprocess.run([sys.executable, "-c", _PARSE_EACH, json.dumps(cases)],
-                          env=cpu_env(1), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = [(r["code"], r["stderr"]) for r in parse_server_args(cases)]
     for (model_type, _, why), (code, err) in zip(REFUSED, results, strict=True):
         assert code == 2, (model_type, err)
         lines = err.strip().splitlines()

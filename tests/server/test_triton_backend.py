@@ -5,12 +5,10 @@ Two small cases (the interpreter takes about 0.4 s a step): GQA with head_dim !=
 heads at page size 1, and MHA-per-KV-pair at page size 16."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import requests
 
-from gyges.testing.clients import start_streams, stream_generate
+from gyges.testing.clients import start_streams, stream_generate, wait_for_more_chunks
 from gyges.testing.server import SGLangServer, tiny_model
 
 PROMPTS = [[(17 * i + 5 * j) % 400 + 5 for j in range(n)] for i, n in enumerate((7, 19, 33))]
@@ -44,7 +42,7 @@ def test_triton_backend_merge_and_split_equal_stock(case):
         r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=300)
         assert r.status_code == 200, r.text
         assert r.json()["requests_moved"]["running"] >= 2, r.json()["requests_moved"]
-        _wait_chunks(got, 3)
+        wait_for_more_chunks(got, 3, timeout_s=300)
         r = requests.post(srv.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=300)
         assert r.status_code == 200, r.text
         assert r.json()["requests_moved"]["running"] >= 1, r.json()["requests_moved"]
@@ -53,13 +51,3 @@ def test_triton_backend_merge_and_split_equal_stock(case):
         for i, w in enumerate(want):
             assert got[i][-1]["output_ids"] == w, f"{case} stream {i} differs from stock"
 
-
-def _wait_chunks(got: dict[int, list[dict]], chunks: int, timeout_s: float = 300.0) -> None:
-    """Wait until every unfinished stream has streamed ``chunks`` more chunks (it decoded
-    while merged)."""
-    start = {i: len(c) for i, c in got.items()}
-    deadline = time.monotonic() + timeout_s
-    while any(len(c) - start[i] < chunks and not c[-1]["meta_info"].get("finish_reason")
-              for i, c in got.items()):
-        assert time.monotonic() < deadline, "streams stalled while merged"
-        time.sleep(0.05)

@@ -2,14 +2,10 @@
 (``gyges.core.serving_path``), directly and through SGLang's own argument parsing."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
 from gyges.core.serving_path import ServingPath, refusal, resolve_device
-from gyges.testing.server import cpu_env, tiny_model
+from gyges.testing.server import parse_server_args, tiny_model
 
 UNSET = {"--attention-backend": None, "--prefill-attention-backend": None,
          "--decode-attention-backend": None}
@@ -48,25 +44,6 @@ def test_unset_device_follows_cuda():
     assert resolve_device("cpu", True) == "cpu"
 
 
-# SGLang's own CLI parsing with the plugin loaded, as launch_server does; prints, per case,
-# the exit code (0 when accepted), the resolved backend and stderr.
-_PARSE = """
-import json, sys, contextlib, io
-from sglang.srt.plugins import load_plugins
-from sglang.srt.server_args import prepare_server_args
-load_plugins()
-out = []
-for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            sa = prepare_server_args(argv)
-            out.append([0, sa.attention_backend, sa.disable_overlap_schedule, err.getvalue()])
-        except SystemExit as e:
-            out.append([e.code, None, None, err.getvalue()])
-print(json.dumps(out))
-"""
-
 CASES = [
     (["--device", "cpu"], (0, "torch_native", False), None),
     (["--device", "cpu", "--attention-backend", "triton"], (0, "triton", False), None),
@@ -81,13 +58,12 @@ def test_through_sglang_argument_parsing():
     model = str(tiny_model(arch="llama", heads=4, kv_heads=2))
     argvs = [["--model-path", model, "--enable-gyges", "--dp-size", "2", *flags]
              for flags, _, _ in CASES]
-    proc = subprocess.run([sys.executable, "-c", _PARSE, json.dumps(argvs)], env=cpu_env(1),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for (flags, want, why), (code, backend, no_overlap, err) in zip(CASES, results, strict=True):
+    results = parse_server_args(argvs)
+    for (flags, want, why), r in zip(CASES, results, strict=True):
+        code, err = r["code"], r["stderr"]
         if why is None:
-            assert (code, backend, no_overlap) == want, (flags, err)
+            got = (code, r["attention_backend"], r["disable_overlap_schedule"])
+            assert got == want, (flags, err)
         else:
             lines = err.strip().splitlines()
             assert code == want and len(lines) == 1 and why in lines[0], (flags, err)

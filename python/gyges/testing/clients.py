@@ -117,3 +117,16 @@ def start_streams(url: str, prompts: list[list[int]], max_new_tokens: int,
             raise TimeoutError(f"streams did not start within {timeout_s}s")
         time.sleep(0.05)
     return threads, got
+
+
+def wait_for_more_chunks(got: dict[int, list[dict]], chunks: int,
+                         timeout_s: float = 120.0) -> None:
+    """Wait until every unfinished stream of ``got`` (from :func:`start_streams`) has
+    streamed ``chunks`` more chunks than now: it decoded in the current configuration.
+    Raises AssertionError after ``timeout_s``."""
+    start = {i: len(c) for i, c in got.items()}
+    deadline = time.monotonic() + timeout_s
+    while any(len(c) - start[i] < chunks and not c[-1]["meta_info"].get("finish_reason")
+              for i, c in got.items()):
+        assert time.monotonic() < deadline, "streams stalled"
+        time.sleep(0.05)

@@ -177,3 +177,35 @@ class SGLangServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# SGLang's own CLI parsing with the plugins loaded (as launch_server does), one case per argv.
+_PARSE_EACH = """
+import json, sys, contextlib, io
+from sglang.srt.plugins import load_plugins
+from sglang.srt.server_args import prepare_server_args
+load_plugins()
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            sa = prepare_server_args(argv)
+            out.append({"code": 0, "attention_backend": sa.attention_backend,
+                        "disable_overlap_schedule": sa.disable_overlap_schedule})
+        except SystemExit as e:
+            out.append({"code": e.code})
+    out[-1]["stderr"] = err.getvalue()
+print(json.dumps(out))
+"""
+
+
+def parse_server_args(argvs: Sequence[Sequence[str]], timeout_s: float = 300.0) -> list[dict]:
+    """Run ``prepare_server_args`` on each argv in one subprocess; per case ``code`` (0:
+    accepted, else the exit code), ``stderr`` and, when accepted, the resolved
+    ``attention_backend`` and ``disable_overlap_schedule``."""
+    proc = subprocess.run([sys.executable, "-c", _PARSE_EACH, json.dumps([list(a) for a in argvs])],
+                          env=cpu_env(1), capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"argument parsing crashed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
