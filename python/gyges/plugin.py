@@ -10,6 +10,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from gyges.hooks import (
     data_parallel_controller,
+    fused_moe,
     http_server,
     kv_cache_configurator,
     model_runner,
@@ -50,6 +51,7 @@ def load() -> None:
     for mlp in models.MLP_TARGETS:
         reg(f"{mlp}.forward", models.around_mlp_forward, HookType.AROUND)
     reg(models.OLMO2_QK_NORM, models.around_olmo2_qk_norm, HookType.AROUND)
+    reg(f"{fused_moe.TARGET}.forward", fused_moe.around_forward, HookType.AROUND)
     for method in torch_native_backend.METHODS:
         reg(f"{torch_native_backend.TARGET}.{method}", torch_native_backend.around_run_sdpa,
             HookType.AROUND)

@@ -2,8 +2,9 @@
 QK-norm; Mistral: SGLang's Llama subclass, no sliding window; Phi-3: fused qkv/gate_up in the
 checkpoint; Granite: muP multipliers, MLP that sums itself; OLMo2: QK-norm over all heads;
 GLM-4: qkv bias, partial rotary, post-norms; Gemma 1/2/3: GELU MLP, soft-capping, sliding
-windows), dp 2, streams in flight: outputs equal stock SGLang on one replica, token for
-token, the transformation met live work (``requests_moved``) and the streams decoded while
+windows; Mixtral and Qwen3-MoE: per-expert padded shards, replicated router), dp 2,
+streams in flight: outputs equal stock SGLang on one replica, token for token, the
+transformation met live work (``requests_moved``) and the streams decoded while
 merged (the TP2 computation is what is compared, not only the moves)."""
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ CASES = {
     "gemma": ("gemma", {}, []),
     "gemma2": ("gemma2", {}, []),
     "gemma3": ("gemma3", {}, []),
+    "mixtral": ("mixtral", {}, []),
+    "qwen3-moe": ("qwen3_moe", {}, []),
     # GQA (4 q heads per KV head) with pages of 16 slots: moves and compaction in pages
     "llama-gqa-page16": ("llama", {"heads": 8, "kv_heads": 2, "head_dim": 16},
                          ["--page-size", "16"]),
@@ -51,10 +54,14 @@ def test_merge_and_split_with_streams_equal_stock(case):
         r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["requests_moved"]["running"] >= 2, r.json()["requests_moved"]
+        released = r.json()["weight_bytes_released"]  # the unowned MLP/expert shards
+        assert released > 0, r.json()
         wait_for_more_chunks(got, 8)
         r = requests.post(srv.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["requests_moved"]["running"] >= 1, r.json()["requests_moved"]
+        # the shards come back from their holders (unpadded bytes on the wire)
+        assert 0 < r.json()["weight_bytes_restored"] <= released, r.json()
         for t in threads:
             t.join(timeout=300)
         for i, w in enumerate(want):

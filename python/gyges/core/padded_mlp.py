@@ -10,8 +10,13 @@ separately allocated flat buffer, padded to the allocation granule::
     [2R*Hd        , 3R*Hd)                down[:, s*R:(s+1)*R]^T  down_t(s): [R, Hd]
     [3R*Hd        , padded)               zeros (padding up to a multiple of the granule)
 
-with R = I/G. At degree k local rank r owns the shards s with s % k == r (interleaved, so
-ownership nests like the KV heads), and its partial MLP output is
+with R = I/G. A mixture of experts (:class:`gyges.core.padded_moe.PaddedMoE`) keeps E such
+blocks of ``[3R, Hd]`` in each shard buffer, one per expert, so shard s of an MoE layer holds
+columns ``[s*R, (s+1)*R)`` of every expert's intermediate dimension (SGLang's MoE TP split)
+and releasing it frees that slice of every expert at once.
+
+At degree k local rank r owns the shards s with s % k == r (interleaved, so ownership nests
+like the KV heads), and its partial MLP output is
 `sum over owned s of (act(x gate_s^T) * (x up_s^T)) down_t(s)`; the k partials all-reduce
 to the dense MLP. ``act`` is SiLU (Llama, Qwen, ...) or GELU, exact or tanh-approximated
 (Gemma), as :data:`ACTIVATIONS` names them.
@@ -57,28 +62,36 @@ class PaddedMLPWeights:
         activation: str = "silu",
         allocator: AllocatorFactory = default_allocator,
     ) -> None:
-        """gate, up: `[I, Hd]`; down: `[Hd, I]` (torch Linear weight layout); ``activation``
-        a key of :data:`ACTIVATIONS`, applied to the gate; ``allocator`` builds this
-        weight's :class:`~gyges.core.shard_allocator.ShardAllocator` from its geometry,
-        dtype and device."""
+        """gate, up: `[I, Hd]`; down: `[Hd, I]` (torch Linear weight layout), or with a
+        leading experts dimension (`[E, I, Hd]`, `[E, Hd, I]`: an MoE layer's experts);
+        ``activation`` a key of :data:`ACTIVATIONS`, applied to the gate; ``allocator``
+        builds this weight's :class:`~gyges.core.shard_allocator.ShardAllocator` from its
+        geometry, dtype and device."""
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
         self.activation = activation
         self._act = ACTIVATIONS[activation]
-        if gate.dim() != 2 or gate.shape != up.shape:
-            raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must be [I, Hd]")
-        inter, hidden = gate.shape
-        if tuple(down.shape) != (hidden, inter):
-            raise ValueError(f"down must be [Hd, I] = {(hidden, inter)}, got {tuple(down.shape)}")
+        if gate.dim() not in (2, 3) or gate.shape != up.shape or down.dim() != gate.dim():
+            raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must be "
+                             f"[I, Hd] (or [E, I, Hd] with down [E, Hd, I])")
+        if gate.dim() == 2:
+            gate, up, down = gate.unsqueeze(0), up.unsqueeze(0), down.unsqueeze(0)
+        experts, inter, hidden = gate.shape
+        if tuple(down.shape) != (experts, hidden, inter):
+            want = (hidden, inter) if experts == 1 else (experts, hidden, inter)
+            raise ValueError(f"down must be {want}, got {tuple(down.shape)}")
         if not gate.dtype == up.dtype == down.dtype:
             raise ValueError("gate, up and down must share a dtype")
         self.hidden = hidden
         self.intermediate = inter
+        self.experts = experts  # 1 for a dense MLP
         self.max_degree = max_degree
         self.dtype = gate.dtype
         self.device = gate.device
+        # One [3R, Hd] block per expert in each buffer (layers_per_buffer counts blocks).
         self.geometry = ShardGeometry.for_mlp(
-            hidden, inter, max_degree, gate.element_size(), granule_bytes
+            hidden, inter, max_degree, gate.element_size(), granule_bytes,
+            layers_per_buffer=experts,
         )
         self.allocator = allocator(self.geometry, self.dtype, self.device)
         rows = self.geometry.rows
@@ -89,9 +102,10 @@ class PaddedMLPWeights:
         for s in range(max_degree):
             cols = slice(s * rows, (s + 1) * rows)
             buf = self.allocator.allocate(s)
-            self._gate_up_of(buf)[:rows].copy_(gate[cols])
-            self._gate_up_of(buf)[rows:].copy_(up[cols])
-            self._down_t_of(buf).copy_(down[:, cols].t())
+            blocks = self._blocks_of(buf)
+            blocks[:, :rows].copy_(gate[:, cols])
+            blocks[:, rows:2 * rows].copy_(up[:, cols])
+            blocks[:, 2 * rows:].copy_(down[:, :, cols].transpose(1, 2))
             self._install(s, buf)
 
     @classmethod
@@ -247,11 +261,13 @@ class PaddedMLPWeights:
         return self._resident(shard)
 
     def gate_up(self, shard: int) -> torch.Tensor:
-        """`[2R, Hd]` view: gate rows then up rows of the shard's intermediate columns."""
+        """`[2R, Hd]` view: gate rows then up rows of the shard's intermediate columns
+        (`[E, 2R, Hd]` for experts)."""
         return self._views_of(shard)[0]
 
     def down_t(self, shard: int) -> torch.Tensor:
-        """`[R, Hd]` view: rows of down^T (columns of down) of the shard's columns."""
+        """`[R, Hd]` view: rows of down^T (columns of down) of the shard's columns
+        (`[E, R, Hd]` for experts)."""
         return self._views_of(shard)[1]
 
     def forward(self, x: torch.Tensor, k: int, local_rank: int) -> torch.Tensor:
@@ -262,6 +278,8 @@ class PaddedMLPWeights:
         shard's GEMM chain; with several it differs from one dense GEMM over I only by the
         float rounding of the split reduction (see docs/layout.md).
         """
+        if self.experts != 1:
+            raise ValueError("expert weights are computed by gyges.core.padded_moe.PaddedMoE")
         rows = self.shard_rows
         flat = x.reshape(-1, self.hidden)
         out: torch.Tensor | None = None
@@ -278,17 +296,18 @@ class PaddedMLPWeights:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _gate_up_of(self, buf: torch.Tensor) -> torch.Tensor:
+    def _blocks_of(self, buf: torch.Tensor) -> torch.Tensor:
+        """`[E, 3R, Hd]` view of a buffer's unpadded prefix."""
         rows, hidden = self.shard_rows, self.hidden
-        return buf[: 2 * rows * hidden].view(2 * rows, hidden)
-
-    def _down_t_of(self, buf: torch.Tensor) -> torch.Tensor:
-        rows, hidden = self.shard_rows, self.hidden
-        return buf[2 * rows * hidden : 3 * rows * hidden].view(rows, hidden)
+        return buf[: self.experts * 3 * rows * hidden].view(self.experts, 3 * rows, hidden)
 
     def _install(self, shard: int, buf: torch.Tensor) -> None:
         self._buffers[shard] = buf
-        self._views[shard] = (self._gate_up_of(buf), self._down_t_of(buf))
+        blocks, rows = self._blocks_of(buf), self.shard_rows
+        gate_up, down_t = blocks[:, : 2 * rows], blocks[:, 2 * rows :]
+        if self.experts == 1:
+            gate_up, down_t = gate_up[0], down_t[0]
+        self._views[shard] = (gate_up, down_t)
 
     def _views_of(self, shard: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._resident(shard)

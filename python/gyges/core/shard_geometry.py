@@ -19,6 +19,8 @@ class ShardGeometry:
     rows: int  # R = I / G intermediate columns per shard
     elem_size: int
     granule_bytes: int
+    # [3R, Hd] blocks in one buffer: layers packed together (an option the server does not
+    # use) or the experts of one MoE layer (gyges.core.padded_moe)
     layers_per_buffer: int = 1
 
     @classmethod

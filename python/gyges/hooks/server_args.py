@@ -12,7 +12,11 @@ import sys
 from typing import Any
 
 from gyges.config import DEFAULT_GRANULE_BYTES, POLICIES, GygesConfig, GygesConfigError
-from gyges.core.architectures import UnsupportedArchitecture, check_architecture
+from gyges.core.architectures import (
+    UnsupportedArchitecture,
+    check_architecture,
+    check_shardable,
+)
 from gyges.core.serving_path import DEFAULT_BACKEND, ServingPath, refusal, resolve_device
 
 TARGET = "sglang.srt.server_args.ServerArgs"
@@ -67,7 +71,9 @@ def from_cli_args(result: Any, _cls: type, args: argparse.Namespace) -> None:
             granule_bytes=args.gyges_granule_bytes,
             split_hold_down_s=args.gyges_split_hold_down,
         )
-    except GygesConfigError as e:
+        if enabled:
+            check_shardable(_config_json(args.model_path), config.max_tp)
+    except (GygesConfigError, UnsupportedArchitecture) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     setattr(result, ATTR, config)
@@ -107,14 +113,19 @@ def gyges_config(server_args: Any) -> GygesConfig | None:
     return config if config is not None and config.enabled else None
 
 
-def _num_kv_heads(model_path: str) -> int:
+def _config_json(model_path: str) -> dict[str, Any]:
     path = os.path.join(model_path, "config.json")
     if not os.path.isfile(path):
         raise GygesConfigError(
             f"--enable-gyges needs a local model directory with config.json (got {model_path!r})"
         )
     with open(path) as f:
-        cfg = json.load(f)
+        return json.load(f)
+
+
+def _num_kv_heads(model_path: str) -> int:
+    path = os.path.join(model_path, "config.json")
+    cfg = _config_json(model_path)
     cfg = cfg.get("text_config", cfg)
     heads = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
     if not heads:

@@ -1,5 +1,5 @@
-"""Switch a TP1-loaded dense decoder (Llama family, Qwen2/3, Granite, OLMo2, GLM-4, Gemma,
-InternLM2 names) to TP-k in place, and back.
+"""Switch a TP1-loaded decoder (Llama family, Qwen2/3, Granite, OLMo2, GLM-4, Gemma,
+InternLM2 names; Mixtral and Qwen3-MoE experts) to TP-k in place, and back.
 
 ``reshard_model`` keeps, on local rank r of a degree-k instance, the attention heads it owns
 (interleaved ownership, :mod:`gyges.core.attention_shards`) and the MLP columns of its shards
@@ -13,9 +13,12 @@ so the resharded o_proj must all-reduce itself; the FFN sum is issued at call ti
 boundaries), or by the MLP's own down projection (``reduce_results=True``: Granite, OLMo2,
 InternLM2, Gemma), which a padded MLP forward then does itself (gyges.hooks.models).
 
-Module names differ by model family (:data:`ATTN_NAMES`, :data:`MLP_NAMES`); :func:`parts`
-finds them. OLMo2's QK-norm over the whole q/k projection needs the full heads: its norm
-runs through gyges.hooks.models.around_olmo2_qk_norm while resharded.
+Module names differ by model family (:data:`ATTN_NAMES`, :data:`MLP_NAMES`,
+:data:`MOE_NAMES`); :func:`parts` finds them. A mixture of experts lives only in padded
+per-expert shards (gyges.hooks.fused_moe): its router stays replicated, and its partial is
+summed by SGLang's layer boundary like a row-parallel FFN. OLMo2's QK-norm over the whole
+q/k projection needs the full heads: its norm runs through
+gyges.hooks.models.around_olmo2_qk_norm while resharded.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ PADDED_MLP = "gyges_mlp"  # gyges.hooks.models.ATTR: a layer whose MLP lives in 
 ATTN_NAMES = (("self_attn", "qkv_proj", "o_proj"), ("attention", "wqkv", "wo"))
 # (MLP attribute of a layer, its fused gate/up projection, its down projection)
 MLP_NAMES = (("mlp", "gate_up_proj", "down_proj"), ("feed_forward", "gate_up_proj", "w2"))
+# (MoE block attribute of a layer, its experts): Qwen3-MoE's, Mixtral's
+MOE_NAMES = (("mlp", "experts"), ("block_sparse_moe", "experts"))
 
 
 def _layers(model: Any) -> list[Any]:
@@ -49,7 +54,8 @@ def _layers(model: Any) -> list[Any]:
 
 
 def parts(layer: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
-    """``(attention, mlp, qkv, o_proj, gate_up, down)`` of a decoder layer; raises
+    """``(attention, mlp, qkv, o_proj, gate_up, down)`` of a decoder layer; for a mixture of
+    experts ``mlp`` is the experts module and ``gate_up``/``down`` are None. Raises
     NotImplementedError naming what is missing."""
     found = []
     for names, what in ((ATTN_NAMES, "attention with a fused QKV and an output projection"),
@@ -60,10 +66,22 @@ def parts(layer: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
                 found.append((mod, getattr(mod, first), getattr(mod, second)))
                 break
         else:
+            experts = _experts(layer)
+            if what.startswith("dense") and experts is not None:
+                found.append((experts, None, None))
+                continue
             raise NotImplementedError(f"gyges: {type(layer).__name__} has no {what}; only "
-                                      "dense gated MLPs can be resharded")
+                                      "dense gated MLPs and padded experts can be resharded")
     (a, qkv, o), (m, gu, dn) = found
     return a, m, qkv, o, gu, dn
+
+
+def _experts(layer: Any) -> Any:
+    for outer, inner in MOE_NAMES:
+        experts = getattr(getattr(layer, outer, None), inner, None)
+        if experts is not None:
+            return experts
+    return None
 
 
 def check_reshardable(model: Any, k: int, num_shards: int, *,
@@ -76,7 +94,9 @@ def check_reshardable(model: Any, k: int, num_shards: int, *,
             raise NotImplementedError("gyges: o_proj with a bias is not supported yet")
         if a.total_num_kv_heads % k:
             raise ValueError(f"degree {k} does not divide {a.total_num_kv_heads} KV heads")
-        inter = gu.weight.shape[0] // 2
+        if gu is None and PADDED_MLP not in m.__dict__:
+            raise NotImplementedError("gyges: MoE experts must be in padded shards")
+        inter = gu.weight.shape[0] // 2 if gu is not None else 0
         if PADDED_MLP not in m.__dict__ and inter % num_shards:
             raise ValueError(f"MLP intermediate {inter} not divisible into {num_shards} shards")
         if SAVED in vars(qkv) and not already:
@@ -101,7 +121,8 @@ def reshard_model(model: Any, k: int, r: int, group: Any, num_shards: int) -> in
     for layer in _layers(model):
         a, m, qkv, o, gu, dn = parts(layer)
         for mod in (qkv, o, gu, dn, a, a.attn):
-            _save(mod)
+            if mod is not None:
+                _save(mod)
         hq_all, hkv_all, d = a.total_num_heads, a.total_num_kv_heads, a.head_dim
         hq, hkv = hq_all // k, hkv_all // k
         heads = (hq_all, hkv_all, d, k, r)
@@ -123,7 +144,8 @@ def reshard_model(model: Any, k: int, r: int, group: Any, num_shards: int) -> in
             # Padded shards: bind the owned ones (s % k == r); the member then releases the
             # others (gyges.comm.weight_transfer) and restores them on split.
             padded.set_degree(k, r)
-            dn.tp_group = group  # where a padded MLP that owes its own sum reduces
+            if dn is not None:
+                dn.tp_group = group  # where a padded MLP that owes its own sum reduces
             new_bytes += sum(t.numel() * t.element_size() for t in (qkv.weight, o.weight))
             continue
         inter = gu.weight.shape[0] // 2
@@ -149,7 +171,7 @@ def restore_tp1(model: Any) -> None:
         if padded is not None and not padded.weights.missing_shards(1, 0):
             padded.set_degree(1, 0)  # else the caller binds it once shards are back
         for mod in (qkv, o, gu, dn, a, a.attn):
-            saved = vars(mod).pop(SAVED, None)
+            saved = vars(mod).pop(SAVED, None) if mod is not None else None
             if saved is None:
                 continue
             for name, value in saved.items():
@@ -157,7 +179,8 @@ def restore_tp1(model: Any) -> None:
 
 
 def padded_weights(model: Any) -> list[Any]:
-    """The padded MLP shard stores of every layer (empty if the MLPs are dense)."""
+    """The padded MLP (or expert) shard stores of every layer (empty if the MLPs are
+    dense)."""
     out = []
     for layer in _layers(model):
         padded = parts(layer)[1].__dict__.get(PADDED_MLP)

@@ -15,8 +15,10 @@ from typing import Any
 
 from sglang.srt.runtime_context import get_parallel
 
+# moe_tp_group: where SGLang's layer boundary sums a mixture of experts' partials
+# (post_experts_reduction_group), so MoE models reduce over the merged group too.
 _STAMPED = ("tp_size", "tp_rank", "tp_group", "attn_tp_size", "attn_tp_rank",
-            "attn_tp_group", "moe_tp_size", "moe_tp_rank")
+            "attn_tp_group", "moe_tp_size", "moe_tp_rank", "moe_tp_group")
 
 
 @dataclass(frozen=True)
@@ -31,15 +33,23 @@ class Tp1State:
     def capture(cls, scheduler: Any) -> Tp1State:
         p = get_parallel()
         ipc = scheduler.ipc_channels
-        return cls({n: getattr(p, n) for n in _STAMPED},
+        return cls({n: getattr(p, n) for n in _STAMPED if _readable(p, n)},
                    ipc.send_to_tokenizer.socket, ipc.send_to_detokenizer.socket)
+
+
+def _readable(p: Any, name: str) -> bool:
+    try:
+        getattr(p, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def apply_tp(scheduler: Any, group: Any, k: int, r: int, boot: Tp1State) -> None:
     """Stamp TP-``k`` local rank ``r`` over ``group`` and re-point the scheduler's caches."""
     get_parallel().override_permanently(
         tp_size=k, tp_rank=r, tp_group=group, attn_tp_size=k, attn_tp_rank=r,
-        attn_tp_group=group, moe_tp_size=k, moe_tp_rank=r)
+        attn_tp_group=group, moe_tp_size=k, moe_tp_rank=r, moe_tp_group=group)
     _repoint(scheduler, group, k)
     ipc = scheduler.ipc_channels
     leader = r == 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ARCHES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "olmo2", "glm4", "gemma",
-          "gemma2", "gemma3", "internlm2")
+          "gemma2", "gemma3", "internlm2", "mixtral", "qwen3_moe")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -130,8 +130,12 @@ def build_config(spec: TinyModelSpec, tokenizer):
         "gemma": transformers.GemmaConfig,
         "gemma2": transformers.Gemma2Config,
         "gemma3": transformers.Gemma3TextConfig,
+        "mixtral": transformers.MixtralConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
     }[spec.arch]
     cfg = cls(**{**common, **_EXTRA.get(spec.arch, {})})
+    if spec.arch == "qwen3_moe":
+        cfg.moe_intermediate_size = spec.intermediate
     if spec.arch.startswith("gemma"):
         # transformers 5 names Gemma's activation hidden_activation; SGLang reads hidden_act
         cfg.hidden_act = cfg.hidden_activation = "gelu_pytorch_tanh"
@@ -153,6 +157,11 @@ _EXTRA: dict[str, dict[str, object]] = {
                "attn_logit_softcapping": 10.0, "final_logit_softcapping": 10.0},
     "gemma3": {"tie_word_embeddings": True, "query_pre_attn_scalar": 32, "sliding_window": 48,
                "layer_types": ["sliding_attention", "full_attention"]},
+    # MoE: 4 experts, 2 routed per token, every layer sparse; each expert's intermediate is
+    # the spec's (Qwen3-MoE names it moe_intermediate_size)
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "norm_topk_prob": True},
 }
 
 
