@@ -203,9 +203,11 @@ class GroupMember:
             built, mine = None, Ballot(False, f"rank {self.rank}: {type(e).__name__}: {e}")
         ballots = self._vote(group, op, mine)
         if len({b.payload for b in ballots}) != 1:
+            pool = capacity.pool_of(self.s)
             logger.error("gyges: rank %d: %s plans differ: digests %s; this member's "
-                         "inputs: %s", self.rank, op, [b.payload.hex() for b in ballots],
-                         _plan_inputs(built))
+                         "inputs: %s, %d slots per replica, %d KV heads", self.rank, op,
+                         [b.payload.hex() for b in ballots], _plan_inputs(built),
+                         capacity.slots_per_replica(pool), pool.gyges_k_layout.num_kv_heads)
             raise Refused("members computed different transfer plans (a bug: please "
                           "report it)", retry=False)
         return built
