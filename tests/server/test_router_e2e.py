@@ -227,7 +227,8 @@ def test_host_failing_mid_merge_is_routed_around(servers, router):
         threads[-1].start()
     deadline = time.monotonic() + 60
     while min(len(c) for c in streams.values()) < 2:
-        assert time.monotonic() < deadline, "streams did not start on the victim"
+        assert time.monotonic() < deadline, \
+            f"streams did not start on the victim: {_state(victim)}"
         time.sleep(0.05)
     FAULT_FILE.write_text("merge:kv_move:1")
     r = requests.post(victim.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=60)
@@ -262,6 +263,21 @@ def test_host_failing_mid_merge_is_routed_around(servers, router):
         time.sleep(0.5)
 
 
+def _state(server: SGLangServer) -> str:
+    """A host's health, status and log tail, for a failure message (flaky in CI only)."""
+    try:
+        health = requests.get(server.url + "/health", timeout=5).status_code
+        status = requests.get(server.url + "/gyges/status", timeout=5).json()
+        brief = {k: status.get(k) for k in ("instances", "transformation", "held")}
+    except requests.RequestException as e:
+        health, brief = -1, {"error": str(e)}
+    alive = server.proc is not None and server.proc.poll() is None
+    lines = [x for x in server.log_path.read_text(errors="replace").splitlines()
+             if "server_args=" not in x and "Ignore import error" not in x]
+    return (f"alive={alive} health={health} status={json.dumps(brief)[:1500]}\nlog tail:\n"
+            + "\n".join(lines[-40:]))
+
+
 def _stream_quietly(url: str, ids: list[int], chunks: list[dict]) -> None:
     try:
         stream_generate(url, ids, 600, chunks=chunks)
@@ -277,7 +293,9 @@ def test_killing_one_server_mid_run_keeps_serving(servers, router):
         futs = [pool.submit(generate, router.url, b) for b in bodies]
         deadline = time.monotonic() + 60
         while by_url(router.status())[victim.url]["outstanding_requests"] == 0:
-            assert time.monotonic() < deadline, "no request reached the victim"
+            assert time.monotonic() < deadline, \
+                f"no request reached the victim: {by_url(router.status())[victim.url]}; " \
+                f"{_state(victim)}"
             time.sleep(0.05)
         assert victim.proc is not None
         os.killpg(victim.proc.pid, signal.SIGKILL)  # with requests in flight on it

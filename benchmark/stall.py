@@ -1,0 +1,185 @@
+"""How long streams in flight stall across a live merge and split, at two KV sizes.
+
+    PYTHONPATH=python python benchmark/stall.py [--dp 2] [--prompt-tokens 525 2100] \
+        [--streams 4] [--new-tokens 260] [--out FILE]
+
+One Gyges server per KV size (tiny Llama with wide KV: 8 layers, 8 KV heads x 64, float32,
+32 KiB of KV per token; CPU, torch_native, ``--stream-interval 1``). Per replica
+``--streams`` greedy streams with prompts of ``--prompt-tokens`` tokens decode while the
+replicas merge into one TP-dp instance (dp 4: pairwise, then the pairs) and split back.
+Per KV size, from every stream's chunk arrival times:
+
+- typical token gap: per stream, the time between its first and last token outside the
+  transformations divided by the tokens in between, then the median over streams (chunks
+  arrive in bursts of several tokens, so the median of raw arrival gaps is 0);
+- worst gap of any stream overlapping the merge, and overlapping the split;
+- stall ratio = worst gap / typical gap;
+- the cutover: the switch the members run (``elapsed_ms.merge_ms``/``split_ms`` of the
+  reply, after the readiness poll during which they still serve) and its KV move (the
+  slowest member's ``kv_transfer_ms``): today every merge and split stops the world, so
+  the whole switch is cutover. Issue 14's goals: stall ratio <= 3; cutover within 1.5x
+  between the two sizes.
+
+The second size should be 4x the first (the defaults: 525 and 2100 prompt tokens, about
+66 MiB and 262 MiB of KV per replica with 4 streams).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from itertools import pairwise
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from gyges.testing.server import SGLangServer, tiny_model  # noqa: E402
+from gyges.testing.tiny_model import TinyModelSpec  # noqa: E402
+
+WIDE_KV = TinyModelSpec(arch="llama", hidden=512, layers=8, heads=8, kv_heads=8, head_dim=64,
+                        intermediate=1024)
+KV_BYTES_PER_TOKEN = 2 * WIDE_KV.layers * WIDE_KV.kv_heads * WIDE_KV.head_dim * 4
+
+
+def _stream(url: str, ids: list[int], new: int, times: list[float]) -> None:
+    body = {"input_ids": ids, "stream": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": new, "ignore_eos": True}}
+    with requests.post(url + "/generate", json=body, stream=True, timeout=900) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+                times.append(time.perf_counter())
+
+
+def _transform(url: str, op: str, ranks: list[int]) -> tuple[dict, float, float]:
+    t0 = time.perf_counter()
+    r = requests.post(f"{url}/gyges/{op}", json={"ranks": ranks}, timeout=600)
+    t1 = time.perf_counter()
+    if r.status_code != 200:
+        raise SystemExit(f"error: {op} {ranks} answered {r.status_code}: {r.text[:300]}")
+    return r.json(), t0, t1
+
+
+def _wait_chunks(times: list[list[float]], n: int, timeout_s: float = 900.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while min(len(t) for t in times) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"error: streams did not reach {n} chunks in {timeout_s:.0f} s")
+        time.sleep(0.02)
+
+
+def _worst_gap(times: list[list[float]], t0: float, t1: float) -> float:
+    """Largest gap between consecutive chunks of any stream whose interval meets [t0, t1]."""
+    worst = 0.0
+    for ts in times:
+        for a, b in pairwise(ts):
+            if b >= t0 and a <= t1:
+                worst = max(worst, b - a)
+    return worst
+
+
+def _typical_gap(ts: list[float], windows: list[tuple[float, float]]) -> float:
+    """Seconds per token of one stream over its longest stretch outside ``windows``."""
+    best = (0, 0.0)
+    start = 0
+    for i in range(1, len(ts) + 1):
+        cut = i == len(ts) or any(ts[i - 1] <= t1 and ts[i] >= t0 for t0, t1 in windows)
+        if cut:
+            n = i - 1 - start
+            if n > best[0]:
+                best = (n, ts[i - 1] - ts[start])
+            start = i
+    if best[0] == 0:
+        raise SystemExit("error: a stream has no tokens outside the transformations")
+    return best[1] / best[0]
+
+
+def _steps(dp: int, op: str) -> list[list[int]]:
+    if dp == 2:
+        return [[0, 1]]
+    pairs = [[0, 1], [2, 3]]
+    return [*pairs, [0, 1, 2, 3]] if op == "merge" else [[0, 1, 2, 3], *pairs]
+
+
+def run_size(dp: int, prompt_tokens: int, streams: int, new: int) -> dict:
+    per_replica = streams * (prompt_tokens + new)
+    slots = max(4096, 1 << (per_replica + 1024).bit_length())
+    model = tiny_model(WIDE_KV)
+    prompts = [[(17 * i + 7 * j) % 900 + 5 for j in range(prompt_tokens)]
+               for i in range(streams * dp)]
+    args = ["--stream-interval", "1", "--gyges-max-tp", str(dp), "--gyges-policy", "round_robin"]
+    with SGLangServer(model, dp_size=dp, gyges=True, max_total_tokens=slots,
+                      extra_args=args) as srv:
+        times: list[list[float]] = [[] for _ in prompts]
+        threads = [threading.Thread(target=_stream, args=(srv.url, p, new, times[i]),
+                                    daemon=True) for i, p in enumerate(prompts)]
+        for t in threads:
+            t.start()
+        _wait_chunks(times, 20)
+        windows, replies = {}, {}
+        for op in ("merge", "split"):
+            spans = []
+            for ranks in _steps(dp, op):
+                reply, t0, t1 = _transform(srv.url, op, ranks)
+                replies.setdefault(op, []).append(reply)
+                spans.append((t0, t1))
+            windows[op] = (spans[0][0], spans[-1][1])
+            _wait_chunks(times, max(len(t) for t in times) + 20)
+        for t in threads:
+            t.join(timeout=900)
+    median = statistics.median(_typical_gap(ts, list(windows.values())) for ts in times)
+    out = {"prompt_tokens": prompt_tokens, "streams_per_replica": streams,
+           "kv_mib_per_replica": round(streams * prompt_tokens * KV_BYTES_PER_TOKEN / 2**20, 1),
+           "pool_slots_per_replica": slots, "typical_gap_ms": round(median * 1000, 1)}
+    for op, (t0, t1) in windows.items():
+        worst = _worst_gap(times, t0, t1)
+        moved = [r["requests_moved"]["running"] for r in replies[op]]
+        out[op] = {"worst_gap_ms": round(worst * 1000, 1),
+                   "stall_ratio": round(worst / median, 1),
+                   "cutover_ms": round(sum(r["elapsed_ms"][f"{op}_ms"] for r in replies[op]), 1),
+                   "kv_transfer_ms": round(sum(max(m["phases_ms"].get("kv_transfer_ms", 0.0)
+                                                   for m in r["members"].values())
+                                               for r in replies[op]), 1),
+                   "kv_mib_moved": round(sum(r["kv_bytes_moved"] for r in replies[op])
+                                         / 2**20, 1),
+                   "requests_moved": moved}
+        if not all(moved):
+            raise SystemExit(f"error: a {op} met no running request ({moved}): the streams "
+                             "ended before it; raise --new-tokens")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dp", type=int, choices=(2, 4), default=2)
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[525, 2100])
+    p.add_argument("--streams", type=int, default=4, help="streams per replica")
+    p.add_argument("--new-tokens", type=int, default=260)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    if a.streams < 1 or a.new_tokens < 80 or min(a.prompt_tokens) < 1:
+        p.error("--streams >= 1, --new-tokens >= 80 and --prompt-tokens >= 1")
+    results = [run_size(a.dp, n, a.streams, a.new_tokens) for n in a.prompt_tokens]
+    doc = {"machine": f"{platform.node()} {platform.machine()}, "
+                      f"{len(__import__('os').sched_getaffinity(0))} cores",
+           "command": "PYTHONPATH=python python benchmark/stall.py " + " ".join(sys.argv[1:]),
+           "dp": a.dp, "mode": "stop-the-world (pre-copy is not built)", "sizes": results}
+    if len(results) >= 2:
+        for op in ("merge", "split"):
+            doc[f"{op}_cutover_growth"] = round(results[-1][op]["cutover_ms"]
+                                                / results[0][op]["cutover_ms"], 2)
+    text = json.dumps(doc, indent=1)
+    print(text)
+    if a.out:
+        a.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
