@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--streams >= 1, --new-tokens >= 80 and --prompt-tokens >= 1")
     results = [run_size(a.dp, n, a.streams, a.new_tokens) for n in a.prompt_tokens]
     doc = {"machine": f"{platform.node()} {platform.machine()}, "
-                      f"{len(__import__('os').sched_getaffinity(0))} cores",
+                      f"{len(os.sched_getaffinity(0))} cores",
            "command": "PYTHONPATH=python python benchmark/stall.py " + " ".join(sys.argv[1:]),
            "dp": a.dp, "mode": "stop-the-world (pre-copy is not built)", "sizes": results}
     if len(results) >= 2:
