@@ -222,8 +222,11 @@ class _Round(NamedTuple):
 
 
 def _start(routes: _Routes, pg: dist.ProcessGroup, bufs: Sequence[torch.Tensor],
-           workspace: torch.Tensor | None, expect: tuple[int, int]) -> _Round:
-    """Pack and stage every read of `bufs`, then start their all-to-all."""
+           workspace: torch.Tensor | None, expect: tuple[int, int],
+           recv_out: torch.Tensor | None = None) -> _Round:
+    """Pack and stage every read of `bufs`, then start their all-to-all. `recv_out`: receive
+    into this flat tensor (of the round's word dtype and receive size) instead of the
+    workspace, to keep what arrived (pre-copy)."""
     word = _word_dtype(bufs)
     rows = [_rows(buf, word) for buf in bufs]
     width = sum(r.shape[1] for r in rows)  # words of one slot across this round's buffers
@@ -232,10 +235,16 @@ def _start(routes: _Routes, pg: dist.ProcessGroup, bufs: Sequence[torch.Tensor],
     out_splits = [i.numel() * width + head * (p != routes.me) for p, i in enumerate(routes.send)]
     in_splits = [i.numel() * width + head * (p != routes.me) for p, i in enumerate(routes.recv)]
     sizes = (sum(out_splits), sum(in_splits), routes.local_src.numel() * width)
+    own = (sizes[0], 0 if recv_out is not None else sizes[1], sizes[2])
     if workspace is None:
-        send, recv, staged = (torch.empty(n, dtype=word, device=bufs[0].device) for n in sizes)
+        send, recv, staged = (torch.empty(n, dtype=word, device=bufs[0].device) for n in own)
     else:
-        send, recv, staged = workspace[: sum(sizes) * word.itemsize].view(word).split(sizes)
+        send, recv, staged = workspace[: sum(own) * word.itemsize].view(word).split(own)
+    if recv_out is not None:
+        if recv_out.dtype != word or recv_out.numel() != sizes[1]:
+            raise ValueError(f"recv_out must be {sizes[1]} words of {word}, got "
+                             f"{recv_out.numel()} of {recv_out.dtype}")
+        recv = recv_out
     offset = 0
     for p, (index, n) in enumerate(zip(routes.send, out_splits, strict=True)):
         if peers[p] and head:
@@ -260,6 +269,19 @@ def _start(routes: _Routes, pg: dist.ProcessGroup, bufs: Sequence[torch.Tensor],
 def _finish(routes: _Routes, started: _Round) -> None:
     """Wait for a round's all-to-all, check every peer's header, then write its local
     and received rows."""
+    head = _wait_checked(routes, started)
+    offset = 0
+    for p, n in enumerate(started.in_splits):
+        if head and p != routes.me:
+            _scatter(started.recv[offset + head : offset + n], [routes.recv[p]],
+                     started.rows)
+        offset += n
+    _scatter(started.staged, [routes.local_dst], started.rows)
+
+
+def _wait_checked(routes: _Routes, started: _Round) -> int:
+    """Wait for a round's all-to-all and check every peer's header (nothing is written);
+    returns the header length in words."""
     if started.work is not None:
         try:
             started.work.wait(timedelta(seconds=started.timeout_s))
@@ -278,10 +300,8 @@ def _finish(routes: _Routes, started: _Round) -> None:
                     f"KV round {started.expect[0]}: peer {p} sent header {got}, expected "
                     f"{want} (magic, round, bytes, plan digest): the members disagree on "
                     "the plan or the collective order")
-            _scatter(started.recv[offset + head : offset + n], [routes.recv[p]],
-                     started.rows)
         offset += n
-    _scatter(started.staged, [routes.local_dst], started.rows)
+    return head
 
 
 def _agree_manifest(routes: _Routes, pg: dist.ProcessGroup, buffers: Sequence[torch.Tensor],

@@ -7,12 +7,14 @@ and, for each degree 2..max_tp, the one aligned group it belongs to, in the same
 every rank, then verifies each group with an all-reduce. A transformation later only
 looks groups up.
 
-Each :class:`PoolGroup` has a CPU group (metadata: pickled requests, votes, plans) and a
-device group (payload: KV blocks, MLP shards), made by the device's :data:`GroupFactory`
-in :data:`GROUP_FACTORIES`. On CPU both are the same gloo group. The GPU factory (an NCCL
-device group per aligned group through SGLang's ``init_model_parallel_group``, beside a
-gloo CPU group) plugs in there; it is not written yet: ``build(device="cuda")`` raises
-``NotImplementedError``, and startup refuses CUDA before that.
+Each :class:`PoolGroup` has a CPU group (metadata: pickled requests, votes, plans), a
+device group (payload: KV blocks, MLP shards) and a side device group (payload moved in the
+background while the members serve: KV pre-copy, weight restore), made by the device's
+:data:`GroupFactory` in :data:`GROUP_FACTORIES`. On CPU the first two are one gloo group.
+The GPU factory (an NCCL device group per aligned group through SGLang's
+``init_model_parallel_group``, beside a gloo CPU group) plugs in there; it is not written
+yet: ``build(device="cuda")`` raises ``NotImplementedError``, and startup refuses CUDA
+before that.
 
 The process groups are built directly on the store and are not registered with
 ``torch.distributed``'s global world (each SGLang replica has its own size-1 world);
@@ -22,7 +24,7 @@ the job of the SGLang adapter that wraps a group at merge time.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import NamedTuple, Protocol
 
@@ -86,6 +88,9 @@ class PoolGroup:
     rank_in_group: int
     cpu_group: dist.ProcessGroup  # metadata
     device_group: dist.ProcessGroup  # payload; the same gloo group on CPU
+    # payload moved in the background while the members serve (KV pre-copy, weight
+    # restore): its own communicator, so it never interleaves with the groups above
+    side_group: dist.ProcessGroup | None = None
 
 
 class CommCheck(NamedTuple):
@@ -129,11 +134,13 @@ class CommunicatorPool:
             store, "world", rank, world_size, timeout_s))}
         for k in pool_degrees(max_tp):
             ranks = group_of(rank, k)
-            if ranks in groups:
-                continue
             r = ranks.index(rank)
-            groups[ranks] = PoolGroup(ranks, r, *factory(store, f"tp{k}-{ranks[0]}", r, k,
-                                                          timeout_s))
+            side = factory(store, f"side{k}-{ranks[0]}", r, k, timeout_s)[1]
+            if ranks in groups:  # the world is this group: it gets a side group too
+                groups[ranks] = replace(groups[ranks], side_group=side)
+                continue
+            cpu, device = factory(store, f"tp{k}-{ranks[0]}", r, k, timeout_s)
+            groups[ranks] = PoolGroup(ranks, r, cpu, device, side)
         pool = cls(rank, world_size, max_tp, groups, 0.0)
         pool.verify()
         pool.build_ms = (time.perf_counter() - t0) * 1000

@@ -39,6 +39,7 @@ from gyges.topology import Instance, Topology
 
 IDLE_POLL_TIMEOUT_S = 10.0
 SWITCH_TIMEOUT_S = 120.0
+PRECOPY_TIMEOUT_S = 120.0
 
 
 class Routing(Protocol):
@@ -61,6 +62,7 @@ class Job:
     id: int
     kind: str
     ranks: tuple[int, ...]
+    precopy: bool = True  # pre-copy the KV while the group serves, then a short cutover
     done: threading.Event = field(default_factory=threading.Event)
     result: Message | None = None
     error: ControlError | None = None
@@ -116,7 +118,7 @@ class Transformer:
                 r = self.running
                 raise ControlError(f"a transformation is already running ({r.kind} "
                                    f"{list(r.ranks)})", 409)
-            job = Job(next(self._ids), kind, ranks)
+            job = Job(next(self._ids), kind, ranks, msg.get("precopy", True) is not False)
             self.running = self._jobs[job.id] = job
         threading.Thread(target=self._run, args=(job, target), daemon=True,
                          name=f"gyges-{kind}").start()
@@ -157,6 +159,11 @@ class Transformer:
         t0 = time.perf_counter()
         phases: dict[str, float] = {}
         ranks = job.ranks
+        skipped: list[str] = []
+        staged = self._precopy(job, skipped) if job.precopy else None
+        if staged is not None:
+            phases["precopy_ms"] = _ms(t0)
+        t_pause = time.perf_counter()
         self.routing.pause(ranks)
         switched = failed_host = False
         try:
@@ -167,7 +174,8 @@ class Transformer:
                 t1 = time.perf_counter()
                 seed = random.randrange(1 << 31)
                 replies = self._run_bus(ranks, {"op": job.kind, "ranks": list(ranks),
-                                                "seed": seed}, SWITCH_TIMEOUT_S, self.stop)
+                                                "seed": seed, "precopy": staged is not None},
+                                        SWITCH_TIMEOUT_S, self.stop)
                 failed = {r: str(x.get("error")) for r, x in replies.items() if not x.get("ok")}
                 if not failed:
                     break
@@ -201,7 +209,10 @@ class Transformer:
         finally:
             # a failed host keeps the group paused: its ranks' state is gone
             held = 0 if failed_host else self.routing.resume(ranks)
+            if staged is not None and not switched and not failed_host:
+                self._drop_precopy(ranks, None)
         phases["routing_ms"] = _ms(t2) if switched else 0.0
+        phases["cutover_ms"] = _ms(t_pause)
         phases["total_ms"] = _ms(t0)
         instances = [self.describe(i) for i in target.instances if i.ranks[0] in ranks]
         members = [replies[r] for r in ranks]
@@ -212,9 +223,55 @@ class Transformer:
                    if any(key in m for m in members)},
                 "requests_moved": {"running": int(members[0].get("running", 0)),
                                    "waiting": int(members[0].get("waiting", 0))},
+                **({"precopy": _precopy_totals(members)} if staged is not None else
+                   {"precopy": {"skipped": skipped[0]}} if skipped else {}),
                 "elapsed_ms": phases, "held_requests_sent": held, "ready_polls": polls,
                 "members": {str(r): {k: v for k, v in replies[r].items()
                                      if k not in ("id", "rank", "ok")} for r in ranks}}
+
+    def _precopy(self, job: Job, skipped: list[str]) -> dict[int, Message] | None:
+        """Pre-copy the group's KV while it serves (:mod:`gyges.switch.precopy`). Returns
+        the members' statuses, or None when a member could not start one (the
+        transformation then runs stop-the-world). A pre-copy that fails is a 409: nothing
+        changed, the group serves on, its later transformations run stop-the-world."""
+        ranks = job.ranks
+        replies = self._run_bus(ranks, {"op": "precopy", "kind": job.kind,
+                                        "ranks": list(ranks)}, SWITCH_TIMEOUT_S, self.stop)
+        failed = {r: x for r, x in replies.items() if not x.get("ok")}
+        fatal = [str(x.get("error")) for x in failed.values() if x.get("fatal")]
+        if fatal:
+            if self.on_fatal is not None:
+                self.on_fatal(fatal[0])
+            raise ControlError(f"{job.kind} of {list(ranks)} failed: {fatal[0]}", 500)
+        if any(x.get("broken") for x in failed.values()):
+            why = next(str(x.get("error")) for x in failed.values() if x.get("broken"))
+            self.broken[ranks] = why
+            raise ControlError(f"{job.kind} of {list(ranks)} refused, nothing changed: "
+                               f"{why}; this group will not be transformed again", 422)
+        if failed:
+            skipped.append(next(str(x.get("error")) for x in failed.values()))
+            self._drop_precopy(ranks, None)
+            return None
+        deadline = time.monotonic() + PRECOPY_TIMEOUT_S
+        while True:
+            status = self._run_bus(ranks, {"op": "precopy_status"}, IDLE_POLL_TIMEOUT_S)
+            errors = [str(x.get("error")) for x in status.values()
+                      if not x.get("ok") or x.get("error")]
+            if not errors and all(x.get("done") for x in status.values()):
+                return status
+            if errors or time.monotonic() > deadline:
+                why = errors[0] if errors else \
+                    f"pre-copy did not finish within {PRECOPY_TIMEOUT_S:g}s"
+                self._drop_precopy(ranks, why)
+                raise ControlError(f"refused: {job.kind} of {list(ranks)}: {why}; nothing "
+                                   "changed, the group serves on", 409)
+            time.sleep(0.02)
+
+    def _drop_precopy(self, ranks: tuple[int, ...], broken: str | None) -> None:
+        try:
+            self._run_bus(ranks, {"op": "precopy_drop", "broken": broken}, IDLE_POLL_TIMEOUT_S)
+        except Exception:  # best effort: a member that cannot answer is handled elsewhere
+            pass
 
     def _wait_ready(self, ranks: tuple[int, ...], t0: float) -> int:
         """Poll ``idle`` until every member reports ready; returns the number of polls."""
@@ -239,6 +296,16 @@ class Transformer:
             if stop is None:
                 return self.bus.run(ranks, msg, timeout_s)
             return self.bus.run(ranks, msg, timeout_s, stop)
+
+
+def _precopy_totals(members: list[Message]) -> Message:
+    """The members' pre-copy figures: bytes summed, rounds and ms of the slowest."""
+    return {"bytes": sum(int(m.get("precopy_bytes", 0)) for m in members),
+            "weight_bytes": sum(int(m.get("precopy_weight_bytes", 0)) for m in members),
+            "staged_bytes_applied": sum(int(m.get("kv_bytes_staged_applied", 0))
+                                        for m in members),
+            "rounds": max((int(m.get("precopy_rounds", 0)) for m in members), default=0),
+            "ms": max((float(m.get("precopy_ms", 0.0)) for m in members), default=0.0)}
 
 
 def _ms(t0: float) -> float:

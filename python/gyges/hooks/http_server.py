@@ -102,6 +102,10 @@ def install_routes(app: Any, address: str, *, api_key: str | None = None,
         return await _forward({"op": "comm_check", "ranks": ranks}, timeout_s=60.0)
 
     async def _read_ranks(request: Request) -> list[Any] | ORJSONResponse:
+        body = await _read_body(request)
+        return body if isinstance(body, ORJSONResponse) else body["ranks"]
+
+    async def _read_body(request: Request) -> dict[str, Any] | ORJSONResponse:
         declared = request.headers.get("content-length", "0")
         if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
             return ORJSONResponse({"error": f"body over {MAX_BODY_BYTES} bytes"},
@@ -119,14 +123,19 @@ def install_routes(app: Any, address: str, *, api_key: str | None = None,
         if not isinstance(body, dict) or "ranks" not in body:
             return ORJSONResponse({"error": 'body must be a JSON object {"ranks": [...]}'},
                                   status_code=400)
-        return body["ranks"]
+        if not isinstance(body.get("precopy", True), bool):
+            return ORJSONResponse({"error": '"precopy" must be true or false'},
+                                  status_code=400)
+        return body
 
     async def _transform(op: str, request: Request) -> ORJSONResponse:
-        ranks = await _read_ranks(request)
-        if isinstance(ranks, ORJSONResponse):
-            return ranks
+        body = await _read_body(request)
+        if isinstance(body, ORJSONResponse):
+            return body
         try:
-            reply = await async_request(address, {"op": op, "ranks": ranks}, timeout_s=30.0)
+            reply = await async_request(address, {"op": op, "ranks": body["ranks"],
+                                                  "precopy": body.get("precopy", True)},
+                                        timeout_s=30.0)
             if not reply.pop("ok"):
                 return ORJSONResponse({"error": reply["error"]}, status_code=reply["status"])
             job = reply["job"]

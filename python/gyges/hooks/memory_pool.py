@@ -33,6 +33,9 @@ class HeadMajorKVPool(MHATokenToKVPool):
     """
 
     gyges_kv_layout = "head_major"
+    # While a transformation pre-copies the KV (gyges.switch.precopy): bool per slot of the
+    # current view, set for every slot written since; None otherwise.
+    gyges_written: torch.Tensor | None = None
 
     def __init__(self, *args: Any, enable_kv_cache_copy: bool = False,
                  kv_cache_layout: str | None = None, **kwargs: Any) -> None:
@@ -97,11 +100,15 @@ class HeadMajorKVPool(MHATokenToKVPool):
         # fused store kernels (CUDA, XPU, CPU AMX) assume token-major rows.
         self.k_buffer[layer_idx][loc] = cache_k
         self.v_buffer[layer_idx][loc] = cache_v
+        if self.gyges_written is not None:
+            self.gyges_written[loc] = True
 
     def _move_kv_cache_impl(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
         if tgt_loc.numel() == 0:
             return
         tgt, src = tgt_loc.reshape(-1).long(), src_loc.reshape(-1).long()
+        if self.gyges_written is not None:
+            self.gyges_written[tgt] = True
         for k_buf, v_buf in zip(self.k_buffer, self.v_buffer, strict=True):
             k_buf[tgt] = k_buf[src]
             v_buf[tgt] = v_buf[src]

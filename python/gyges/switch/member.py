@@ -22,6 +22,7 @@ plan, each half installs its requests. A request that fits neither half refuses 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -36,11 +37,11 @@ from gyges.core.migration_plan import (
     SplitRefused,
     merge_offset,
     plan_split,
-    used_ranges_by_segment,
 )
-from gyges.core.transfer_plan import plan_digest, plan_transformation
+from gyges.core.transfer_plan import plan_digest
 from gyges.switch import capacity, migration, scheduler_state
 from gyges.switch import model as model_switch
+from gyges.switch import precopy as precopy_mod
 from gyges.switch.group import PooledGroupCoordinator, broadcast_json
 from gyges.switch.prefix_cache import split_cache
 from gyges.switch.protocol import (
@@ -84,7 +85,12 @@ class GroupMember:
         self.boot: scheduler_state.Tp1State | None = None
         self._workspace: torch.Tensor | None = None  # KV transfer staging, reused
         self.failed: str | None = None  # set by a failure after commit; the rank is done
-        commands.handlers.update(idle=self.on_idle, merge=self.on_merge, split=self.on_split)
+        self.precopy: precopy_mod.PreCopy | None = None
+        self.precopy_broken: dict[tuple[int, ...], str] = {}  # side groups not to use again
+        commands.handlers.update(idle=self.on_idle, merge=self.on_merge, split=self.on_split,
+                                 precopy=self.on_precopy,
+                                 precopy_status=self.on_precopy_status,
+                                 precopy_drop=self.on_precopy_drop)
 
     # -- per event-loop iteration ---------------------------------------------------------
 
@@ -234,13 +240,17 @@ class GroupMember:
         k, r = len(ranks), group.rank_in_group
         k_old, s = self.tp, self.s
         runner = s.tp_worker.model_runner
+        pc = self._precopy_for("merge", ranks) if msg.get("precopy") else None
         mine = self._prepare("merge", k, k_old)
         work = migration.Work()
         if mine.ok:
             try:
                 migration.settle(s)
                 slots = capacity.slots_per_replica(capacity.pool_of(s))
-                work = migration.export_work(s, merge_offset(r // k_old, k_old, slots))
+                offset = merge_offset(r // k_old, k_old, slots)
+                work = migration.export_work(s, offset)
+                if pc is not None:
+                    work.written = _written(capacity.pool_of(s)) + offset
                 mine = Ballot(True, payload=migration.to_bytes(work))
             except Exception as e:  # nothing has changed yet: the group refuses as one
                 logger.exception("gyges: rank %d cannot export its requests", self.rank)
@@ -265,18 +275,19 @@ class GroupMember:
                 raise Refused(f"the merged instance would run {running} requests but has "
                               f"{rows} request rows (--max-running-requests); merge when "
                               "fewer requests run", retry=False)
-            used = used_ranges_by_segment(torch.cat([w.slots for w in works]), slots, k)
-            plan = plan_transformation(ranks, k_old, k, pool.gyges_k_layout.num_kv_heads,
-                                       used, slots_per_replica=slots)
+            plan, keep = precopy_mod.cutover(pc, (ranks, k_old, k, pool),
+                                             torch.cat([w.slots for w in works]),
+                                             torch.cat([w.written for w in works]))
             self._ensure_workspace(plan, pool)
-            return plan, works
+            return plan, works, keep
 
-        plan, works = self._commit_vote(group, "merge", build)
+        plan, works, keep = self._commit_vote(group, "merge", build)
         ph.mark("plan_ms")
         mine_reqs = [*work.running, *work.waiting]
         try:
             inject("merge", "kv_move", self.rank)
             moved = self._move_kv(plan, ranks, group, pool)
+            staged = self._apply_staged(pc, pool, keep)
             ph.mark("kv_transfer_ms")
             if self.boot is None:
                 self.boot = scheduler_state.Tp1State.capture(s)
@@ -307,6 +318,7 @@ class GroupMember:
                     k, list(ranks), r, moved_reqs, ph.ms)
         return {"tp": k, "local_rank": r, "phases_ms": ph.ms, "capacity_tokens": cap,
                 "kv_bytes_moved": moved.bytes_sent, "kv_bytes_local": moved.bytes_local,
+                **self._precopy_done(pc, staged),
                 "sliced_weight_bytes": weight_bytes, "weight_bytes_released": released,
                 **moved_reqs}
 
@@ -322,6 +334,7 @@ class GroupMember:
         k, r = len(ranks), group.rank_in_group
         k_new = k // 2
         half = r // k_new
+        pc = self._precopy_for("split", ranks) if msg.get("precopy") else None
         self._vote(group, "split", self._prepare("split", k, k))
         migration.settle(s)
         pool = capacity.pool_of(s)
@@ -343,13 +356,15 @@ class GroupMember:
             except SplitRefused as e:
                 raise Refused(str(e), retry=False) from None
             new_rows = [torch.tensor(x, dtype=torch.int64) for x in split.rows]
-            used = used_ranges_by_segment(torch.cat([*new_rows, cache.slots]), slots, k)
-            plan = plan_transformation(ranks, k, k_new, pool.gyges_k_layout.num_kv_heads,
-                                       used, slots_per_replica=slots)
+            copied = torch.tensor([b * page + i for _, b in split.copies for i in range(page)],
+                                  dtype=torch.int64)
+            written = torch.cat([_written(pool), copied]) if pc is not None else copied
+            plan, keep = precopy_mod.cutover(pc, (ranks, k, k_new, pool),
+                                             torch.cat([*new_rows, cache.slots]), written)
             self._ensure_workspace(plan, pool)
-            return plan, split, new_rows, cache
+            return plan, split, new_rows, cache, keep
 
-        plan, split, new_rows, cache = self._commit_vote(group, "split", build)
+        plan, split, new_rows, cache, keep = self._commit_vote(group, "split", build)
         ph.mark("plan_ms")
         all_reqs = [*running, *s.waiting_queue]
         try:
@@ -358,6 +373,7 @@ class GroupMember:
             mine = [i for i, h in enumerate(split.halves) if h == half]
             inject("split", "kv_move", self.rank)
             moved = self._move_kv(plan, ranks, group, pool)
+            staged = self._apply_staged(pc, pool, keep)
             ph.mark("kv_transfer_ms")
             offset = half * k_new * slots
             work = migration.Work([running[i] for i in mine],
@@ -399,11 +415,118 @@ class GroupMember:
                     k_new, moved_reqs, ph.ms)
         return {"tp": k_new, "phases_ms": ph.ms, "capacity_tokens": cap,
                 "kv_bytes_moved": moved.bytes_sent, "kv_bytes_local": moved.bytes_local,
-                "pages_copied": len(split.copies),
+                "pages_copied": len(split.copies), **self._precopy_done(pc, staged),
                 "prefix_nodes_dropped": cache.dropped_nodes,
                 "prefix_tokens_dropped": cache.dropped_tokens,
                 "weight_bytes_restored": restored.bytes_received if restored else 0,
                 **moved_reqs}
+
+    # -- pre-copy (gyges.switch.precopy) -------------------------------------------------
+
+    def on_precopy(self, msg: Message) -> Message:
+        """Start pre-copying the KV of a merge or split of ``ranks`` (collective: one vote
+        exchanges the members' snapshots); the members keep serving meanwhile."""
+        op, ranks = str(msg.get("kind")), tuple(int(r) for r in msg["ranks"])
+        self._drop_precopy()
+        s, pool = self.s, capacity.pool_of(self.s)
+        slots = capacity.slots_per_replica(pool)
+        if op == "merge":
+            group = self.pool.group(ranks)
+            k_from, k_to = self.tp, len(ranks)
+            offset = merge_offset(group.rank_in_group // k_from, k_from, slots) \
+                if k_from == k_to // 2 else 0
+        elif op == "split" and self.group is not None and self.group.ranks == ranks:
+            group, k_from, k_to, offset = self.group, len(ranks), len(ranks) // 2, 0
+        else:
+            raise RuntimeError(f"rank {self.rank} cannot pre-copy a {op} of {list(ranks)}")
+        written = precopy_mod.start_tracking(pool)  # before the snapshot: no write is missed
+        try:
+            mine = Ballot(True)
+            if k_to != 2 * k_from and op == "merge":
+                mine = Ballot(False, f"rank {self.rank} is in a TP{k_from} instance, not a "
+                              f"half of TP{k_to}")
+            elif group.side_group is None or ranks in self.precopy_broken:
+                mine = Ballot(False, f"no pre-copy for {list(ranks)}: "
+                              f"{self.precopy_broken.get(ranks, 'no side communicator')}")
+            else:
+                ids = precopy_mod.used_slots(s) + offset
+                mine = Ballot(True, payload=ids.numpy().tobytes())
+            ballots = self._vote(group, op, mine)
+            ids = torch.unique(torch.cat([torch.frombuffer(bytearray(b.payload),
+                                                           dtype=torch.int64)
+                                          for b in ballots if b.payload]))
+            plan = precopy_mod.plan(ranks, k_from, k_to, pool, ids)
+        except BaseException:
+            precopy_mod.stop_tracking(pool)
+            raise
+        snapshot = torch.zeros(len(ranks) * slots, dtype=torch.bool)
+        snapshot[ids] = True
+        pc = precopy_mod.PreCopy(op, ranks, k_from, k_to, snapshot, offset, written)
+        restore = None
+        padded = model_switch.padded_weights(s.tp_worker.model_runner.model)
+        if op == "split" and padded:
+            side, r = group.side_group, group.rank_in_group
+
+            def restore() -> int:
+                return restore_shards(padded, k_from, k_to, r, side).bytes_received
+        threading.Thread(target=precopy_mod.run, daemon=True, name="gyges-precopy",
+                         args=(pc, plan, self.rank, group.side_group,
+                               _storages_by_layer(pool), restore)).start()
+        self.precopy = pc
+        return {"started": True, "slots": int(ids.numel()), "moves": len(plan.moves)}
+
+    def on_precopy_status(self, _msg: Message) -> Message:
+        pc = self.precopy
+        if pc is None:
+            return {"done": True, "error": f"rank {self.rank} has no pre-copy"}
+        return pc.status()
+
+    def on_precopy_drop(self, msg: Message) -> Message:
+        pc = self.precopy
+        if pc is not None and (msg.get("broken") or not pc.done.is_set()):
+            self.precopy_broken[pc.ranks] = str(msg.get("broken") or "a pre-copy was "
+                                                "dropped while it ran")
+        self._drop_precopy()
+        return {"dropped": pc is not None}
+
+    def _precopy_for(self, op: str, ranks: tuple[int, ...]) -> precopy_mod.PreCopy | None:
+        """This transformation's finished pre-copy, if there is one."""
+        pc = self.precopy
+        if pc is None or (pc.op, pc.ranks) != (op, ranks) or not pc.done.is_set() or \
+                pc.error is not None or pc.staged is None:
+            return None
+        return pc
+
+    def _apply_staged(self, pc: precopy_mod.PreCopy | None, pool: Any, keep: Any) -> int:
+        if pc is None or keep is None:
+            return 0
+        return precopy_mod.apply(pc, _storages_by_layer(pool), keep)
+
+    def _precopy_done(self, pc: precopy_mod.PreCopy | None, staged: int) -> Message:
+        """The pre-copy's figures for the reply; tracking stops (the view changed)."""
+        if pc is None:
+            self._drop_precopy()
+            return {}
+        out = {**pc.status(), "kv_bytes_staged_applied": staged}
+        out.pop("done"), out.pop("error")
+        self.precopy = None  # consumed: the restored shards are the new instance's
+        self._drop_precopy()
+        return out
+
+    def _drop_precopy(self) -> None:
+        """Forget a pre-copy that was not consumed by its cutover: stop tracking writes,
+        cancel the thread, and give back weights a split's pre-copy restored."""
+        pc, self.precopy = self.precopy, None
+        try:
+            precopy_mod.stop_tracking(capacity.pool_of(self.s))
+        except NotImplementedError:
+            pass
+        if pc is None:
+            return
+        pc.cancel.set()
+        if pc.op == "split" and pc.done.is_set() and self.group is not None:
+            padded = model_switch.padded_weights(self.s.tp_worker.model_runner.model)
+            release_shards(padded, len(self.group.ranks), self.group.rank_in_group)
 
     def _ensure_workspace(self, plan: Any, pool: Any) -> None:
         """Staging memory for the KV plan, allocated before the commit vote (a member that
@@ -444,11 +567,19 @@ def _rows_of(work: migration.Work) -> list[tuple[str, list[int]]]:
                                                              strict=True)]
 
 
+def _written(pool: Any) -> torch.Tensor:
+    """Slot ids the pool wrote since its pre-copy started tracking (none if it does not)."""
+    mask = getattr(pool, "gyges_written", None)
+    if mask is None:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.nonzero(mask).flatten().to("cpu", torch.int64)
+
+
 def _plan_inputs(built: Any) -> str:
     """What a member planned from, for the log when members' plans differ."""
     plan, rest = built[0], built[1:]
-    works = [w for w in rest[-1] if isinstance(w, migration.Work)] if rest and \
-        isinstance(rest[-1], list) else []
+    lists = [x for x in rest if isinstance(x, list)] if rest else []
+    works = [w for w in lists[-1] if isinstance(w, migration.Work)] if lists else []
     summary = [(len(w.running), len(w.waiting), [(len(r), int(r.sum())) for r in w.rows])
                for w in works]
     return f"{len(plan.moves)} moves, group {plan.group_ranks}, works {summary}"

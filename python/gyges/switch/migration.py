@@ -50,6 +50,8 @@ class Work:
     rows: list[torch.Tensor] = field(default_factory=list)
     waiting: list[Any] = field(default_factory=list)
     cached: list[prefix_cache.CachedNode] = field(default_factory=list)
+    # slots (new slot space) written since a pre-copy's snapshot: their staged copy is stale
+    written: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
 
     @property
     def slots(self) -> torch.Tensor:
@@ -128,7 +130,7 @@ def export_work(s: Any, slot_offset: int = 0) -> Work:
 def to_bytes(work: Work) -> bytes:
     """Pickle ``work`` for peers (tree links stripped from shallow copies)."""
     return pickle.dumps(Work([_detached(r) for r in work.running], work.rows,
-                             [_detached(r) for r in work.waiting], work.cached))
+                             [_detached(r) for r in work.waiting], work.cached, work.written))
 
 
 def from_bytes(data: bytes) -> Work:

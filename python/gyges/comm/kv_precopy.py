@@ -1,0 +1,170 @@
+"""Pre-copy of a KV transfer plan while the old configuration keeps serving.
+
+Engine-agnostic (torch only). :func:`precopy` runs the cross-rank moves of a plan over a
+side process group (not the one serving uses), round by round, and keeps what each rank
+receives in a staging tensor instead of writing it into the live buffers: the
+destinations of a merge or split are still in use by the old configuration until the
+cutover. :func:`apply_staged` later writes the staged rows whose slots are still valid
+(not written since the snapshot the plan was made from) into place; the cutover moves
+only the rest (see :mod:`gyges.switch.precopy`).
+
+The wire format, the manifest check and the per-round headers are
+:mod:`gyges.comm.kv_transfer`'s, so a peer on another plan fails cleanly here too.
+Staging memory is what this rank receives: (k-1)/k of the used KV of its segment on a
+TP1 -> TPk merge.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gyges.comm import kv_transfer as kvt
+from gyges.core.transfer_plan import BlockMove, TransferPlan, plan_digest
+
+
+class PrecopyCancelled(kvt.KvTransferError):
+    """The pre-copy was told to stop between two rounds."""
+
+
+@dataclass
+class StagedRound:
+    first: int  # index of the round's first buffer
+    count: int  # buffers in the round
+    recv: torch.Tensor  # what arrived, headers included, in wire order
+    in_splits: list[int]  # words per peer stretch
+    header_words: int
+
+
+@dataclass
+class StagedKV:
+    """What :func:`precopy` received on one rank, ready for :func:`apply_staged`."""
+
+    plan: TransferPlan
+    slots: int  # slots per block of the buffers
+    routes: kvt._Routes
+    rounds: list[StagedRound]
+    segment_slots: list[torch.Tensor]  # per peer: segment*slots + slot of each row received
+    bytes_sent: int
+    bytes_received: int
+    elapsed_ms: float
+
+
+def remote_moves(plan: TransferPlan) -> TransferPlan:
+    """The part of ``plan`` that crosses ranks (what pre-copy moves)."""
+    return TransferPlan(tuple(m for m in plan.moves if m.src_rank != m.dst_rank),
+                        plan.group_ranks, plan.k_from, plan.k_to)
+
+
+def local_moves(plan: TransferPlan) -> tuple[BlockMove, ...]:
+    return tuple(m for m in plan.moves if m.src_rank == m.dst_rank)
+
+
+def precopy(plan: TransferPlan, group_ranks: tuple[int, ...], rank: int,
+            pg: dist.ProcessGroup, buffers: Sequence[torch.Tensor], *,
+            buffers_per_round: int = 2,
+            pace: Callable[[float], None] | None = None,
+            cancelled: Callable[[], bool] | None = None) -> StagedKV:
+    """Run the cross-rank moves of ``plan`` over ``pg`` and stage what arrives; collective
+    over the group like :func:`gyges.comm.kv_transfer.execute_plan`. Reads ``buffers``
+    while others write them: a row written after the plan's snapshot must be discarded
+    by the caller (:func:`apply_staged`'s ``keep``). ``pace(seconds of the last round)``
+    runs between rounds (throttling); ``cancelled()`` is checked there too."""
+    t0 = time.perf_counter()
+    if local_moves(plan):
+        raise ValueError("pre-copy moves only across ranks; local moves belong to the cutover")
+    group = tuple(int(r) for r in group_ranks)
+    kvt._check_group(plan, group, rank, pg)
+    slots = kvt._check_buffers(buffers, plan)
+    if buffers_per_round < 1:
+        raise ValueError(f"buffers_per_round must be >= 1, got {buffers_per_round}")
+    routes = kvt._routes(plan, group, rank, slots, buffers[0].device)
+    digest = plan_digest(plan) & ((1 << 62) - 1)
+    segs = _segment_slots(plan, group, rank, slots)
+    rounds: list[StagedRound] = []
+    sent = received = 0
+    if not routes.exchanges:
+        return StagedKV(plan, slots, routes, rounds, segs, 0, 0, _ms(t0))
+    kvt._agree_manifest(routes, pg, buffers, buffers_per_round, digest)
+    word = kvt._word_dtype(buffers)
+    me = routes.me
+    head = kvt.HEADER_BYTES // word.itemsize
+    for i, first in enumerate(range(0, len(buffers), buffers_per_round)):
+        if cancelled is not None and cancelled():
+            raise PrecopyCancelled(f"pre-copy cancelled before round {i}")
+        t1 = time.perf_counter()
+        bufs = buffers[first : first + buffers_per_round]
+        width = sum(kvt._rows(b, word).shape[1] for b in bufs)
+        in_splits = [idx.numel() * width + head * (p != me) for p, idx in enumerate(routes.recv)]
+        recv = torch.empty(sum(in_splits), dtype=word, device=buffers[0].device)
+        started = kvt._start(routes, pg, bufs, None, (i, digest), recv_out=recv)
+        kvt._wait_checked(routes, started)
+        rounds.append(StagedRound(first, len(bufs), recv, in_splits, head))
+        sent, received = sent + started.sent, received + started.received
+        if pace is not None:
+            pace(time.perf_counter() - t1)
+    return StagedKV(plan, slots, routes, rounds, segs, sent, received, _ms(t0))
+
+
+def apply_staged(staged: StagedKV, buffers: Sequence[torch.Tensor],
+                 keep: torch.Tensor) -> int:
+    """Write the staged rows whose merged slot id (segment * slots + slot) is set in the
+    bool tensor ``keep`` into their destinations in ``buffers`` (the same buffers, in the
+    same order, as the pre-copy). Returns the bytes written."""
+    written = 0
+    if not staged.rounds:
+        return 0
+    word = staged.rounds[0].recv.dtype
+    keep = keep.to(torch.bool)
+    for rnd in staged.rounds:
+        rows = [kvt._rows(b, word) for b in buffers[rnd.first : rnd.first + rnd.count]]
+        offset = 0
+        for p, n in enumerate(rnd.in_splits):
+            index = staged.routes.recv[p]
+            if p != staged.routes.me and index.numel():
+                sel = keep[staged.segment_slots[p]]
+                pos = torch.nonzero(sel).flatten() if not bool(sel.all()) else None
+                flat = rnd.recv[offset + rnd.header_words : offset + n]
+                for view, buf, idx in kvt._walk(flat, [index], rows):
+                    if pos is None:
+                        buf.index_copy_(0, idx, view)
+                        written += view.numel() * view.element_size()
+                    elif pos.numel():
+                        part = view.index_select(0, pos)
+                        buf.index_copy_(0, idx.index_select(0, pos), part)
+                        written += part.numel() * part.element_size()
+            offset += n
+    return written
+
+
+def _segment_slots(plan: TransferPlan, group: tuple[int, ...], rank: int,
+                   slots: int) -> list[torch.Tensor]:
+    """Per peer p (local index), the merged slot id of each row p sends this rank, in wire
+    order (the order of ``pair_runs``: moves of the pair in plan order, ranges in order)."""
+    by_pair = plan.by_pair()
+    out = []
+    for peer in group:
+        ids: list[torch.Tensor] = []
+        for move in by_pair.get((peer, rank), ()) if peer != rank else ():
+            src_local = group.index(move.src_rank)
+            base = (src_local // plan.k_from) * plan.k_from
+            segment = base + move.src_block % plan.k_from
+            ids.extend(torch.arange(segment * slots + a, segment * slots + b)
+                       for a, b in move.slot_ranges)
+        out.append(torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64))
+    return out
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
+def cutover_plan(full: TransferPlan, again: TransferPlan) -> TransferPlan:
+    """The moves left for the cutover: every local move of ``full`` (the plan over what is
+    used now; cheap copies inside a rank) and the cross-rank moves of ``again`` (the plan
+    over the used slots whose staged copy is missing or stale)."""
+    moves = sorted((*local_moves(full), *remote_moves(again).moves))
+    return TransferPlan(tuple(moves), full.group_ranks, full.k_from, full.k_to)

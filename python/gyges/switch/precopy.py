@@ -1,0 +1,165 @@
+"""Overlapped transformations: the KV pre-copied while the old configuration serves, then
+a short cutover that moves only what changed.
+
+A member's side of a pre-copy (:class:`PreCopy`), between its own serving steps:
+
+1. ``precopy`` command (collective over the group's CPU group, one vote): the member starts
+   tracking the slots its pool writes (``HeadMajorKVPool.gyges_written``), snapshots the
+   slots its instance uses (running rows, the last extend batch, the prefix cache) in the
+   target group's merged slot ids, and the members exchange snapshots. Each plans the
+   cross-rank moves of the transformation over the union and starts a thread that runs
+   them over the group's side communicator into staging memory
+   (:func:`gyges.comm.kv_precopy.precopy`), paced to leave the serving steps most of the
+   machine. A split's thread then restores the padded MLP shards the halves will own
+   (the merged instance never reads them).
+2. The controller polls ``precopy_status`` until every member is done, pauses dispatch and
+   sends the ``merge``/``split`` cutover as before, with ``precopy: true``.
+3. The cutover (:func:`cutover`) plans over what is used now: slots in the snapshot and
+   not written since are *clean* and come from staging (a local copy); the others (written
+   or new since, the split's compaction copies) and every local move cross again.
+
+Whatever happens before the cutover's commit leaves the old configuration untouched:
+pre-copy never writes the live KV. A pre-copy that fails marks its group's side
+communicator unusable (a collective on it may be half done); later transformations of the
+group run stop-the-world.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gyges.comm.kv_precopy import StagedKV, apply_staged, cutover_plan, precopy, remote_moves
+from gyges.core.migration_plan import used_ranges_by_segment
+from gyges.core.transfer_plan import TransferPlan, plan_transformation
+from gyges.switch import capacity, prefix_cache
+from gyges.switch.protocol import inject
+
+logger = logging.getLogger(__name__)
+
+
+def duty() -> float:
+    """Share of wall time the pre-copy thread may use (``GYGES_PRECOPY_DUTY``, 0.05-1):
+    after a round of t seconds it sleeps t * (1 - duty) / duty."""
+    return min(max(float(os.environ.get("GYGES_PRECOPY_DUTY", "0.5")), 0.05), 1.0)
+
+
+@dataclass
+class PreCopy:
+    """One member's pre-copy of one transformation."""
+
+    op: str
+    ranks: tuple[int, ...]
+    k_from: int
+    k_to: int
+    snapshot: torch.Tensor  # bool [n * S]: merged slot ids staged (every member's)
+    offset: int  # this member's instance's first merged slot id in the group
+    written: torch.Tensor  # the pool's write mask (this instance's own slot ids)
+    done: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    staged: StagedKV | None = None
+    weights_restored: int = 0
+    error: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def status(self) -> dict[str, Any]:
+        st = self.staged
+        return {"done": self.done.is_set(), "error": self.error,
+                "precopy_bytes": st.bytes_received if st else 0,
+                "precopy_rounds": len(st.rounds) if st else 0,
+                "precopy_ms": st.elapsed_ms if st else 0.0,
+                "precopy_weight_bytes": self.weights_restored}
+
+
+def used_slots(s: Any) -> torch.Tensor:
+    """Every slot this scheduler's work holds now: running rows, the last extend batch's
+    rows and the prefix cache's nodes (its own slot ids)."""
+    req_to_token = s.req_to_token_pool.req_to_token
+    reqs = list(s.running_batch.reqs)
+    lb = s.last_batch
+    if lb is not None and lb is not s.running_batch:
+        reqs += [q for q in lb.reqs if q not in reqs]
+    rows = [req_to_token[q.kv.req_pool_idx, : int(q.kv.kv_allocated_len)].to("cpu", torch.int64)
+            for q in reqs if getattr(q.kv, "req_pool_idx", None) is not None]
+    tree = prefix_cache.usable_tree(s)
+    cached = prefix_cache.node_slots(prefix_cache.export_tree(tree)[0]) if tree is not None \
+        else torch.empty(0, dtype=torch.int64)
+    return torch.unique(torch.cat([*rows, cached.to("cpu", torch.int64)]))
+
+
+def start_tracking(pool: Any) -> torch.Tensor:
+    """Mark every slot the pool writes from now on (see ``HeadMajorKVPool``)."""
+    mask = torch.zeros(pool.k_buffer[0].shape[0], dtype=torch.bool,
+                       device=pool.k_buffer[0].device)
+    pool.gyges_written = mask
+    return mask
+
+
+def stop_tracking(pool: Any) -> None:
+    pool.gyges_written = None
+
+
+def plan(ranks: tuple[int, ...], k_from: int, k_to: int, pool: Any,
+         ids: torch.Tensor) -> TransferPlan:
+    """The cross-rank moves of the transformation over the merged slot ``ids``."""
+    slots = capacity.slots_per_replica(pool)
+    used = used_ranges_by_segment(ids.tolist(), slots, len(ranks))
+    return remote_moves(plan_transformation(ranks, k_from, k_to,
+                                            pool.gyges_k_layout.num_kv_heads, used,
+                                            slots_per_replica=slots))
+
+
+def run(pc: PreCopy, the_plan: TransferPlan, rank: int, side: Any, buffers: list[torch.Tensor],
+        restore: Any = None) -> None:
+    """The pre-copy thread: stage the plan's moves, then (a split) restore the weights."""
+    share = duty()
+
+    def pace(seconds: float) -> None:
+        time.sleep(seconds * (1 - share) / share)
+
+    try:
+        inject(pc.op, "precopy", rank)
+        pc.staged = precopy(the_plan, pc.ranks, rank, side, buffers, buffers_per_round=2,
+                            pace=pace, cancelled=pc.cancel.is_set)
+        if restore is not None:
+            pc.weights_restored = restore()
+    except Exception as e:  # reported by precopy_status; the old configuration serves on
+        logger.exception("gyges: rank %d: pre-copy of %s %s failed", rank, pc.op,
+                         list(pc.ranks))
+        pc.error = f"pre-copy failed on rank {rank}: {type(e).__name__}: {e}"
+    finally:
+        pc.done.set()
+
+
+def cutover(pc: PreCopy | None, full_args: tuple[Any, ...], now: torch.Tensor,
+            written: torch.Tensor) -> tuple[TransferPlan, torch.Tensor | None]:
+    """The cutover's plan and the staged slots to apply (bool over merged ids, or None
+    without a pre-copy). ``full_args``: ``(ranks, k_from, k_to, pool)``; ``now``: merged
+    slot ids used now; ``written``: merged slot ids written since the snapshot."""
+    ranks, k_from, k_to, pool = full_args
+    slots = capacity.slots_per_replica(pool)
+    heads = pool.gyges_k_layout.num_kv_heads
+
+    def over(ids: torch.Tensor) -> TransferPlan:
+        used = used_ranges_by_segment(ids.tolist(), slots, len(ranks))
+        return plan_transformation(ranks, k_from, k_to, heads, used, slots_per_replica=slots)
+
+    full = over(now)
+    if pc is None or pc.staged is None:
+        return full, None
+    stale = ~pc.snapshot
+    stale[written] = True
+    again = now[stale[now]]
+    keep = torch.zeros_like(pc.snapshot)
+    keep[now[~stale[now]]] = True
+    return cutover_plan(full, over(again)), keep
+
+
+def apply(pc: PreCopy, buffers: list[torch.Tensor], keep: torch.Tensor) -> int:
+    assert pc.staged is not None
+    return apply_staged(pc.staged, buffers, keep)
