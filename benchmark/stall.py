@@ -1,7 +1,7 @@
 """How long streams in flight stall across a live merge and split, at two KV sizes.
 
     PYTHONPATH=python python benchmark/stall.py [--dp 2] [--prompt-tokens 525 2100] \
-        [--streams 4] [--new-tokens 260] [--out FILE]
+        [--streams 4] [--new-tokens 400] [--out FILE]
 
 One Gyges server per KV size (tiny Llama with wide KV: 8 layers, 8 KV heads x 64, float32,
 32 KiB of KV per token; CPU, torch_native, ``--stream-interval 1``). Per replica
@@ -16,9 +16,12 @@ Per KV size, from every stream's chunk arrival times:
 - stall ratio = worst gap / typical gap;
 - the cutover: the switch the members run (``elapsed_ms.merge_ms``/``split_ms`` of the
   reply, after the readiness poll during which they still serve) and its KV move (the
-  slowest member's ``kv_transfer_ms``): today every merge and split stops the world, so
-  the whole switch is cutover. Issue 14's goals: stall ratio <= 3; cutover within 1.5x
-  between the two sizes.
+  slowest member's ``kv_transfer_ms``).
+
+Each size runs the same streams twice on one server: stop-the-world (``"precopy": false``
+in the merge/split body: the whole KV moves inside the switch) and overlapped (the default:
+the KV is pre-copied while the members serve and the switch moves only what changed).
+Issue 14's goals: stall ratio <= 3; cutover within 1.5x between the two sizes.
 
 The second size should be 4x the first (the defaults: 525 and 2100 prompt tokens, about
 66 MiB and 262 MiB of KV per replica with 4 streams).
@@ -58,20 +61,27 @@ def _stream(url: str, ids: list[int], new: int, times: list[float]) -> None:
                 times.append(time.perf_counter())
 
 
-def _transform(url: str, op: str, ranks: list[int]) -> tuple[dict, float, float]:
+def _transform(url: str, op: str, ranks: list[int],
+               precopy: bool) -> tuple[dict, float, float]:
     t0 = time.perf_counter()
-    r = requests.post(f"{url}/gyges/{op}", json={"ranks": ranks}, timeout=600)
+    r = requests.post(f"{url}/gyges/{op}", json={"ranks": ranks, "precopy": precopy},
+                      timeout=600)
     t1 = time.perf_counter()
     if r.status_code != 200:
         raise SystemExit(f"error: {op} {ranks} answered {r.status_code}: {r.text[:300]}")
     return r.json(), t0, t1
 
 
-def _wait_chunks(times: list[list[float]], n: int, timeout_s: float = 900.0) -> None:
+def _wait_chunks(times: list[list[float]], threads: list[threading.Thread], more: int,
+                 timeout_s: float = 900.0) -> None:
+    """Wait until every stream still running got ``more`` chunks since the call."""
     deadline = time.monotonic() + timeout_s
-    while min(len(t) for t in times) < n:
+    want = [len(t) + more for t in times]
+    while any(len(t) < w and th.is_alive() for t, w, th in zip(times, want, threads,
+                                                              strict=True)):
         if time.monotonic() > deadline:
-            raise SystemExit(f"error: streams did not reach {n} chunks in {timeout_s:.0f} s")
+            raise SystemExit(f"error: streams did not get {more} more chunks in "
+                             f"{timeout_s:.0f} s")
         time.sleep(0.02)
 
 
@@ -109,47 +119,70 @@ def _steps(dp: int, op: str) -> list[list[int]]:
 
 
 def run_size(dp: int, prompt_tokens: int, streams: int, new: int) -> dict:
+    """One server; the same streams across a stop-the-world and an overlapped merge and
+    split, one after the other."""
     per_replica = streams * (prompt_tokens + new)
     slots = max(4096, 1 << (per_replica + 1024).bit_length())
     model = tiny_model(WIDE_KV)
-    prompts = [[(17 * i + 7 * j) % 900 + 5 for j in range(prompt_tokens)]
-               for i in range(streams * dp)]
+
+    def prompts(mode: int) -> list[list[int]]:  # no prefix shared between the two modes
+        return [[(17 * i + 7 * j + 3 * mode) % 900 + 5 for j in range(prompt_tokens)]
+                for i in range(streams * dp)]
+
     args = ["--stream-interval", "1", "--gyges-max-tp", str(dp), "--gyges-policy", "round_robin"]
-    with SGLangServer(model, dp_size=dp, gyges=True, max_total_tokens=slots,
-                      extra_args=args) as srv:
-        times: list[list[float]] = [[] for _ in prompts]
-        threads = [threading.Thread(target=_stream, args=(srv.url, p, new, times[i]),
-                                    daemon=True) for i, p in enumerate(prompts)]
-        for t in threads:
-            t.start()
-        _wait_chunks(times, 20)
-        windows, replies = {}, {}
-        for op in ("merge", "split"):
-            spans = []
-            for ranks in _steps(dp, op):
-                reply, t0, t1 = _transform(srv.url, op, ranks)
-                replies.setdefault(op, []).append(reply)
-                spans.append((t0, t1))
-            windows[op] = (spans[0][0], spans[-1][1])
-            _wait_chunks(times, max(len(t) for t in times) + 20)
-        for t in threads:
-            t.join(timeout=900)
-    median = statistics.median(_typical_gap(ts, list(windows.values())) for ts in times)
     out = {"prompt_tokens": prompt_tokens, "streams_per_replica": streams,
            "kv_mib_per_replica": round(streams * prompt_tokens * KV_BYTES_PER_TOKEN / 2**20, 1),
-           "pool_slots_per_replica": slots, "typical_gap_ms": round(median * 1000, 1)}
+           "pool_slots_per_replica": slots}
+    with SGLangServer(model, dp_size=dp, gyges=True, max_total_tokens=slots,
+                      extra_args=args) as srv:
+        for n, (mode, precopy) in enumerate((("stop_the_world", False), ("precopy", True))):
+            out[mode] = run_mode(srv.url, dp, prompts(n), new, precopy)
+    return out
+
+
+def run_mode(url: str, dp: int, prompts: list[list[int]], new: int, precopy: bool) -> dict:
+    times: list[list[float]] = [[] for _ in prompts]
+    threads = [threading.Thread(target=_stream, args=(url, p, new, times[i]), daemon=True)
+               for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    _wait_chunks(times, threads, 20)
+    windows, replies = {}, {}
+    for op in ("merge", "split"):
+        spans = []
+        for ranks in _steps(dp, op):
+            reply, t0, t1 = _transform(url, op, ranks, precopy)
+            replies.setdefault(op, []).append(reply)
+            spans.append((t0, t1))
+        windows[op] = (spans[0][0], spans[-1][1])
+        _wait_chunks(times, threads, 20)
+    for t in threads:
+        t.join(timeout=900)
+    median = statistics.median(_typical_gap(ts, list(windows.values())) for ts in times)
+    out: dict = {"typical_gap_ms": round(median * 1000, 1)}
     for op, (t0, t1) in windows.items():
         worst = _worst_gap(times, t0, t1)
         moved = [r["requests_moved"]["running"] for r in replies[op]]
+        pre = [r.get("precopy", {}) for r in replies[op]]
+        skipped = [p["skipped"] for p in pre if "skipped" in p]
+        if precopy and skipped:
+            raise SystemExit(f"error: the {op} ran stop-the-world: {skipped[0]}")
         out[op] = {"worst_gap_ms": round(worst * 1000, 1),
                    "stall_ratio": round(worst / median, 1),
                    "cutover_ms": round(sum(r["elapsed_ms"][f"{op}_ms"] for r in replies[op]), 1),
                    "kv_transfer_ms": round(sum(max(m["phases_ms"].get("kv_transfer_ms", 0.0)
                                                    for m in r["members"].values())
                                                for r in replies[op]), 1),
-                   "kv_mib_moved": round(sum(r["kv_bytes_moved"] for r in replies[op])
-                                         / 2**20, 1),
+                   "cutover_kv_mib": round(sum(r["kv_bytes_moved"] for r in replies[op])
+                                           / 2**20, 2),
                    "requests_moved": moved}
+        if precopy:
+            out[op].update({
+                "precopy_kv_mib": round(sum(p.get("bytes", 0) for p in pre) / 2**20, 1),
+                "precopy_weight_mib": round(sum(p.get("weight_bytes", 0) for p in pre)
+                                            / 2**20, 1),
+                "precopy_rounds": sum(p.get("rounds", 0) for p in pre),
+                "precopy_ms": round(sum(p.get("ms", 0.0) for p in pre), 1)})
         if not all(moved):
             raise SystemExit(f"error: a {op} met no running request ({moved}): the streams "
                              "ended before it; raise --new-tokens")
@@ -162,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dp", type=int, choices=(2, 4), default=2)
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[525, 2100])
     p.add_argument("--streams", type=int, default=4, help="streams per replica")
-    p.add_argument("--new-tokens", type=int, default=260)
+    p.add_argument("--new-tokens", type=int, default=400)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     if a.streams < 1 or a.new_tokens < 80 or min(a.prompt_tokens) < 1:
@@ -171,11 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     doc = {"machine": f"{platform.node()} {platform.machine()}, "
                       f"{len(os.sched_getaffinity(0))} cores",
            "command": "PYTHONPATH=python python benchmark/stall.py " + " ".join(sys.argv[1:]),
-           "dp": a.dp, "mode": "stop-the-world (pre-copy is not built)", "sizes": results}
+           "dp": a.dp, "sizes": results}
     if len(results) >= 2:
-        for op in ("merge", "split"):
-            doc[f"{op}_cutover_growth"] = round(results[-1][op]["cutover_ms"]
-                                                / results[0][op]["cutover_ms"], 2)
+        for mode in ("stop_the_world", "precopy"):
+            for op in ("merge", "split"):
+                doc[f"{mode}_{op}_cutover_growth"] = round(
+                    results[-1][mode][op]["cutover_ms"] / results[0][mode][op]["cutover_ms"], 2)
     text = json.dumps(doc, indent=1)
     print(text)
     if a.out:

@@ -215,6 +215,7 @@ class HostController:
             "transformation": None if running is None else {
                 "op": running.kind, "ranks": list(running.ranks),
                 "held_by": {str(r): why for r, why in self.transformer.held_by.items()}},
+            "last_transformation": None if self.transformer is None else self.transformer.last,
             "scheduler": scheduler if scheduler is not None else {
                 "policy": None, "reason": self.scheduler_off_reason},
             "comm_pool": {"ready_ranks": sorted(pool_ms),

@@ -101,11 +101,15 @@ class FakeBus:
         self.sent = []
 
     def run(self, ranks, msg, timeout_s, stop=None):
-        if msg["op"].startswith("precopy"):  # pre-copies succeed here; see the tests below
-            self.precopies = getattr(self, "precopies", []) + [msg["op"]]
+        if msg["op"].startswith("precopy"):  # pre-copies succeed unless told otherwise
+            self.precopies = getattr(self, "precopies", []) + [msg]
+            bad = getattr(self, "precopy_fault", {}).get(msg["op"])
+            if bad is not None:
+                return {0: {"ok": True, "done": True, "error": None}, 1: bad}
             return {r: {"ok": True, "started": True, "done": True, "error": None,
                         "precopy_bytes": 10, "precopy_rounds": 1} for r in ranks}
         self.sent.append(msg["op"])
+        self.last = msg
         if msg["op"] == "idle":
             idle = self.busy_polls <= 0
             self.busy_polls -= 1
@@ -148,6 +152,43 @@ def test_merge_waits_until_ready_then_switches_and_reroutes():
     res = finish(tr, tr.start({"op": "split", "ranks": [0, 1]})["job"])
     assert [i["ranks"] for i in res["instances"]] == [[0], [1]]
     assert state["topo"] == Topology.boot(2)
+
+
+def test_precopy_then_cutover_with_precopy_and_its_figures():
+    bus = FakeBus()
+    tr, routing, _ = make(bus)
+    res = finish(tr, tr.start({"op": "merge", "ranks": [0, 1]})["job"])
+    assert [m["op"] for m in bus.precopies] == ["precopy", "precopy_status"]
+    assert bus.last["precopy"] is True and res["precopy"]["bytes"] == 0  # fake members
+    assert {"precopy_ms", "cutover_ms"} <= res["elapsed_ms"].keys()
+    assert tr.last["op"] == "merge" and tr.last["status"] == 200
+    assert tr.last["precopy"] == res["precopy"] and tr.last["cutover_ms"] > 0
+    res = finish(tr, tr.start({"op": "split", "ranks": [0, 1], "precopy": False})["job"])
+    assert len(bus.precopies) == 2 and bus.last["precopy"] is False and "precopy" not in res
+
+
+def test_precopy_that_cannot_start_falls_back_to_stop_the_world():
+    bus = FakeBus()
+    bus.precopy_fault = {"precopy": {"ok": False, "error": "Refused: refused: no side group"}}
+    tr, _, state = make(bus)
+    res = finish(tr, tr.start({"op": "merge", "ranks": [0, 1]})["job"])
+    assert bus.last["precopy"] is False and "no side group" in res["precopy"]["skipped"]
+    assert bus.precopies[-1]["op"] == "precopy_drop" and state["topo"].instances == (
+        Instance((0, 1)),)
+
+
+def test_precopy_that_fails_is_409_nothing_changed_and_the_group_is_dropped():
+    bus = FakeBus()
+    bus.precopy_fault = {"precopy_status": {"ok": True, "done": True,
+                                            "error": "pre-copy failed on rank 1: boom"}}
+    tr, routing, state = make(bus)
+    e = _fails(tr)
+    assert e.status == 409 and "pre-copy failed on rank 1" in str(e)
+    assert tr.last["status"] == 409 and "pre-copy failed" in tr.last["error"]
+    assert "merge" not in bus.sent and state["topo"] == Topology.boot(2)
+    drop = bus.precopies[-1]
+    assert drop["op"] == "precopy_drop" and "boom" in drop["broken"]
+    assert ("pause", (0, 1)) not in routing.log  # dispatch never stopped
 
 
 def test_what_holds_a_transformation_is_reported_while_it_waits():
@@ -349,3 +390,8 @@ def test_transform_metrics_count_bytes_and_durations(tmp_path, monkeypatch):
     assert get("gyges:kv_bytes_moved_total", {"op": "merge"}) == 1000
     assert get("gyges:weight_bytes_released_total") == 64
     assert get("gyges:transformation_duration_seconds_count", {"op": "merge"}) == 1
+    m.observe("split", 200, 0.3, {"kv_bytes_moved": 10, "elapsed_ms": {"cutover_ms": 40.0},
+                                  "precopy": {"bytes": 5000, "weight_bytes": 32}})
+    assert get("gyges:precopy_bytes_total", {"op": "split"}) == 5000
+    assert get("gyges:weight_bytes_restored_total") == 32
+    assert get("gyges:cutover_seconds_sum", {"op": "split"}) == pytest.approx(0.04)

@@ -93,3 +93,18 @@ def test_split_plan_invariants(case):
                 for y, ny in zip(rows[b], plan.rows[b], strict=True):
                     if x == y:
                         assert nx == ny
+
+
+@given(st.lists(st.integers(0, 3 * 16 - 1), max_size=60), st.sampled_from(["list", "tensor"]))
+def test_used_ranges_by_segment_equals_slot_by_slot_grouping(slots, kind):
+    """The vectorised grouping equals coalescing each slot's (s, s+1) per segment."""
+    import torch
+
+    from gyges.core.transfer_plan import coalesce_ranges
+
+    want: dict[int, list] = {}
+    for x in slots:
+        want.setdefault(x // 16, []).append((x % 16, x % 16 + 1))
+    arg = torch.tensor(slots, dtype=torch.int64) if kind == "tensor" else slots
+    got = used_ranges_by_segment(arg, 16, 3)
+    assert got == {i: coalesce_ranges(r) for i, r in sorted(want.items())}

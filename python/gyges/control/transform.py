@@ -6,12 +6,17 @@ A transformation runs as a background job so the control channel stays responsiv
 split mirrors it):
 
   1. validate (400) and claim the single transformation slot (409);
+  1b. unless the request says ``"precopy": false``, pre-copy: ``precopy`` to every member
+     (they start moving the KV in the background, :mod:`gyges.switch.precopy`), then poll
+     ``precopy_status`` until all are done; the group serves on meanwhile. A member that
+     cannot start one makes the job run stop-the-world; one that fails is a 409;
   2. pause the group's ranks in the dispatch gate: new requests go to other instances
      or wait in the controller; control messages wait;
   3. poll the members with ``idle`` until every one reports ``ready`` (its work can move:
      nothing unread, no chunked prefill or unmovable request; bounded, else 409 "group
      busy"); running requests keep running meanwhile;
-  4. send ``merge`` to every member; they prepare, vote and commit in a collective
+  4. send ``merge`` (``precopy: true`` after a pre-copy: the cutover then moves only what
+     changed since) to every member; they prepare, vote and commit in a collective
      (:mod:`gyges.switch.protocol`), between steps, and carry their running and waiting
      requests over. A refusal is unanimous and changes nothing: "group busy" (e.g. a
      request arrived between the poll and the switch) goes back to step 3 within the
@@ -91,6 +96,7 @@ class Transformer:
         self._ids = itertools.count(1)
         self._jobs: dict[int, Job] = {}
         self.running: Job | None = None
+        self.last: Message | None = None  # the last finished job, for /gyges/status
 
     # -- control-channel handlers ---------------------------------------------------------
 
@@ -148,6 +154,7 @@ class Transformer:
         except Exception as e:  # a bug: report it, keep the controller alive
             job.error = ControlError(f"internal error in {job.kind}: {e}", 500)
         finally:
+            self.last = _summary(job)
             with self._lock:
                 self.running = None
             job.done.set()
@@ -296,6 +303,21 @@ class Transformer:
             if stop is None:
                 return self.bus.run(ranks, msg, timeout_s)
             return self.bus.run(ranks, msg, timeout_s, stop)
+
+
+def _summary(job: Job) -> Message:
+    """What ``/gyges/status`` shows of a finished job."""
+    out: Message = {"op": job.kind, "ranks": list(job.ranks),
+                    "status": 200 if job.error is None else job.error.status}
+    if job.error is not None:
+        out["error"] = str(job.error)
+    res = job.result or {}
+    if res:
+        out.update({"cutover_ms": res["elapsed_ms"].get("cutover_ms"),
+                    "total_ms": res["elapsed_ms"].get("total_ms"),
+                    "cutover_kv_bytes": res.get("kv_bytes_moved", 0),
+                    "precopy": res.get("precopy"), "requests_moved": res["requests_moved"]})
+    return out
 
 
 def _precopy_totals(members: list[Message]) -> Message:

@@ -28,6 +28,11 @@ class TransformMetrics:
                                  "released by merges.")
         self._restored = Counter("gyges:weight_bytes_restored", "MLP weight bytes "
                                  "restored by splits.")
+        self._precopy = Counter("gyges:precopy_bytes", "KV bytes pre-copied while the "
+                                "group served (received, summed over members).", ["op"])
+        self._cutover = Histogram("gyges:cutover_seconds", "Wall time a transformation "
+                                  "held its group's dispatch (pause to resume).", ["op"],
+                                  buckets=DURATION_BUCKETS)
 
     def observe(self, op: str, status: int, seconds: float,
                 result: dict[str, Any] | None) -> None:
@@ -39,3 +44,9 @@ class TransformMetrics:
         self._kv.labels(op=op).inc(int(result.get("kv_bytes_moved", 0)))
         self._released.inc(int(result.get("weight_bytes_released", 0)))
         self._restored.inc(int(result.get("weight_bytes_restored", 0)))
+        pre = result.get("precopy") or {}
+        self._precopy.labels(op=op).inc(int(pre.get("bytes", 0)))
+        self._restored.inc(int(pre.get("weight_bytes", 0)))
+        cutover_ms = (result.get("elapsed_ms") or {}).get("cutover_ms")
+        if cutover_ms is not None:
+            self._cutover.labels(op=op).observe(float(cutover_ms) / 1000)

@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from gyges.core.transfer_plan import SlotRange, coalesce_ranges
+import numpy as np
+
+from gyges.core.transfer_plan import SlotRange
 
 
 def merge_offset(half: int, k_old: int, slots_per_replica: int) -> int:
@@ -30,15 +32,26 @@ def merge_offset(half: int, k_old: int, slots_per_replica: int) -> int:
 
 def used_ranges_by_segment(slots: Iterable[int], slots_per_replica: int,
                            num_segments: int) -> dict[int, tuple[SlotRange, ...]]:
-    """Group merged slot ids into coalesced in-segment ranges per replica segment."""
+    """Group merged slot ids into coalesced in-segment ranges per replica segment.
+    Vectorised: a transformation's cutover plans over every used slot of the pool."""
+    ids = np.unique(np.asarray(slots if hasattr(slots, "__array__") else list(slots),
+                               dtype=np.int64).reshape(-1))
+    if ids.size == 0:
+        return {}
+    bad = ids[(ids < 0) | (ids >= slots_per_replica * num_segments)]
+    if bad.size:
+        raise ValueError(f"slot {int(bad[0])} outside {num_segments} segments of "
+                         f"{slots_per_replica}")
+    seg = ids // slots_per_replica
+    breaks = np.flatnonzero((np.diff(ids) != 1) | (np.diff(seg) != 0)) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [ids.size]))
     out: dict[int, list[SlotRange]] = {}
-    for slot in slots:
-        seg, s = divmod(int(slot), slots_per_replica)
-        if not 0 <= seg < num_segments:
-            raise ValueError(f"slot {slot} outside {num_segments} segments of "
-                             f"{slots_per_replica}")
-        out.setdefault(seg, []).append((s, s + 1))
-    return {seg: coalesce_ranges(r) for seg, r in sorted(out.items())}
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        i = int(seg[a])
+        lo = int(ids[a]) - i * slots_per_replica
+        out.setdefault(i, []).append((lo, lo + b - a))
+    return {i: tuple(r) for i, r in sorted(out.items())}
 
 
 @dataclass(frozen=True)

@@ -426,6 +426,7 @@ class GroupMember:
     def on_precopy(self, msg: Message) -> Message:
         """Start pre-copying the KV of a merge or split of ``ranks`` (collective: one vote
         exchanges the members' snapshots); the members keep serving meanwhile."""
+        t0 = time.perf_counter()
         op, ranks = str(msg.get("kind")), tuple(int(r) for r in msg["ranks"])
         self._drop_precopy()
         s, pool = self.s, capacity.pool_of(self.s)
@@ -473,6 +474,9 @@ class GroupMember:
                          args=(pc, plan, self.rank, group.side_group,
                                _storages_by_layer(pool), restore)).start()
         self.precopy = pc
+        logger.info("gyges: rank %d started the pre-copy of %s %s: %d slots, %d moves, "
+                    "%.1f ms on the scheduler thread", self.rank, op, list(ranks),
+                    int(ids.numel()), len(plan.moves), (time.perf_counter() - t0) * 1000)
         return {"started": True, "slots": int(ids.numel()), "moves": len(plan.moves)}
 
     def on_precopy_status(self, _msg: Message) -> Message:

@@ -43,10 +43,27 @@ from gyges.switch.protocol import inject
 logger = logging.getLogger(__name__)
 
 
+MAX_PACE_S = 0.25
+
+
 def duty() -> float:
     """Share of wall time the pre-copy thread may use (``GYGES_PRECOPY_DUTY``, 0.05-1):
     after a round of t seconds it sleeps t * (1 - duty) / duty."""
     return min(max(float(os.environ.get("GYGES_PRECOPY_DUTY", "0.5")), 0.05), 1.0)
+
+
+def round_floor_s() -> float:
+    """Least sleep after each round (``GYGES_PRECOPY_ROUND_FLOOR_S``, default 0; ``@PATH``
+    reads it from that file at each pre-copy): tests stretch a pre-copy with it so that
+    requests can finish, arrive or abort during one."""
+    value = os.environ.get("GYGES_PRECOPY_ROUND_FLOOR_S", "0")
+    if value.startswith("@"):
+        try:
+            with open(value[1:]) as f:
+                value = f.read().strip() or "0"
+        except OSError:
+            value = "0"
+    return max(float(value), 0.0)
 
 
 @dataclass
@@ -108,7 +125,7 @@ def plan(ranks: tuple[int, ...], k_from: int, k_to: int, pool: Any,
          ids: torch.Tensor) -> TransferPlan:
     """The cross-rank moves of the transformation over the merged slot ``ids``."""
     slots = capacity.slots_per_replica(pool)
-    used = used_ranges_by_segment(ids.tolist(), slots, len(ranks))
+    used = used_ranges_by_segment(ids, slots, len(ranks))
     return remote_moves(plan_transformation(ranks, k_from, k_to,
                                             pool.gyges_k_layout.num_kv_heads, used,
                                             slots_per_replica=slots))
@@ -117,17 +134,27 @@ def plan(ranks: tuple[int, ...], k_from: int, k_to: int, pool: Any,
 def run(pc: PreCopy, the_plan: TransferPlan, rank: int, side: Any, buffers: list[torch.Tensor],
         restore: Any = None) -> None:
     """The pre-copy thread: stage the plan's moves, then (a split) restore the weights."""
-    share = duty()
+    share, floor = duty(), round_floor_s()
 
     def pace(seconds: float) -> None:
-        time.sleep(seconds * (1 - share) / share)
+        # capped: a member that waited for its peer in a round must not sleep longer for
+        # it, or the members' sleeps would feed each other's waits round after round
+        time.sleep(max(min(seconds * (1 - share) / share, MAX_PACE_S), floor))
 
+    # One intra-op thread: OpenMP sizes a new thread's team from the machine, not from the
+    # scheduler's setting, and that team would compete with the serving steps' cores.
+    torch.set_num_threads(1)
     try:
         inject(pc.op, "precopy", rank)
         pc.staged = precopy(the_plan, pc.ranks, rank, side, buffers, buffers_per_round=2,
                             pace=pace, cancelled=pc.cancel.is_set)
         if restore is not None:
             pc.weights_restored = restore()
+        st = pc.staged
+        logger.info("gyges: rank %d pre-copied %s %s: %d bytes in, %d out, %d rounds, "
+                    "%.1f ms (wall %.1f ms), %d weight bytes", rank, pc.op, list(pc.ranks),
+                    st.bytes_received, st.bytes_sent, len(st.rounds), st.elapsed_ms,
+                    (time.perf_counter() - pc.started) * 1000, pc.weights_restored)
     except Exception as e:  # reported by precopy_status; the old configuration serves on
         logger.exception("gyges: rank %d: pre-copy of %s %s failed", rank, pc.op,
                          list(pc.ranks))
@@ -146,7 +173,7 @@ def cutover(pc: PreCopy | None, full_args: tuple[Any, ...], now: torch.Tensor,
     heads = pool.gyges_k_layout.num_kv_heads
 
     def over(ids: torch.Tensor) -> TransferPlan:
-        used = used_ranges_by_segment(ids.tolist(), slots, len(ranks))
+        used = used_ranges_by_segment(ids, slots, len(ranks))
         return plan_transformation(ranks, k_from, k_to, heads, used, slots_per_replica=slots)
 
     full = over(now)

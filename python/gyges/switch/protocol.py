@@ -21,10 +21,11 @@ steps, so the bound covers one step of each member.
 
 Fault injection for tests: ``GYGES_FAULT_INJECT="op:phase:rank[:kill]"`` (e.g.
 ``merge:kv_move:1``; several separated by commas) raises once at that phase on that
-host rank, or SIGKILLs the process with ``:kill``. Phases: prepare, exchange, kv_move,
-weight_release, install (merge); prepare, exchange, kv_move, weight_restore, install
-(split). Read only when set; ``@PATH`` reads the specs from that file at every phase (a
-missing file names none), so a test can arm a fault in a running server.
+host rank, or SIGKILLs the process with ``:kill``. Phases: precopy (in the pre-copy thread,
+before commit), prepare, exchange, kv_move, weight_release, install (merge); precopy,
+prepare, exchange, kv_move, weight_restore, install (split). Read only when set; ``@PATH``
+reads the specs from that file at every phase (a missing file names none), so a test can
+arm a fault in a running server.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ from gyges.switch.group import all_gather_bytes
 
 logger = logging.getLogger(__name__)
 FAULT_ENV = "GYGES_FAULT_INJECT"
-PHASES = ("prepare", "exchange", "kv_move", "weight_release", "weight_restore", "install")
+PHASES = ("precopy", "prepare", "exchange", "kv_move", "weight_release", "weight_restore",
+          "install")
 _fired: set[str] = set()
 
 
