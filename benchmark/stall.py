@@ -173,7 +173,7 @@ def run_mode(url: str, dp: int, prompts: list[list[int]], new: int, precopy: boo
                    "kv_transfer_ms": round(sum(max(m["phases_ms"].get("kv_transfer_ms", 0.0)
                                                    for m in r["members"].values())
                                                for r in replies[op]), 1),
-                   "cutover_kv_mib": round(sum(r["kv_bytes_moved"] for r in replies[op])
+                   "cutover_kv_mib": round(sum(r["cutover_kv_bytes"] for r in replies[op])
                                            / 2**20, 2),
                    "requests_moved": moved}
         if precopy:

@@ -15,6 +15,7 @@ TP1 -> TPk merge.
 """
 from __future__ import annotations
 
+import mmap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -92,17 +93,29 @@ def precopy(plan: TransferPlan, group_ranks: tuple[int, ...], rank: int,
     word = kvt._word_dtype(buffers)
     me = routes.me
     head = kvt.HEADER_BYTES // word.itemsize
-    for i, first in enumerate(range(0, len(buffers), buffers_per_round)):
+    firsts = list(range(0, len(buffers), buffers_per_round))
+    widths = [sum(kvt._rows(b, word).shape[1] for b in buffers[f : f + buffers_per_round])
+              for f in firsts]
+    splits = [[idx.numel() * w + head * (p != me) for p, idx in enumerate(routes.recv)]
+              for w in widths]
+    sends = [sum(idx.numel() * w + head * (p != me) for p, idx in enumerate(routes.send))
+             for w in widths]
+    # one staging buffer for every round (what this rank receives) and one send buffer
+    # reused by each round: on CPU anonymous mmaps, unmapped when the pre-copy is dropped
+    # (glibc would keep freed chunks of this size in its heap, resident)
+    stage = _flat(sum(map(sum, splits)) * word.itemsize, buffers[0].device).view(word)
+    send_ws = _flat(max(sends) * word.itemsize, buffers[0].device)
+    offset = 0
+    for i, first in enumerate(firsts):
         if cancelled is not None and cancelled():
             raise PrecopyCancelled(f"pre-copy cancelled before round {i}")
         t1 = time.perf_counter()
         bufs = buffers[first : first + buffers_per_round]
-        width = sum(kvt._rows(b, word).shape[1] for b in bufs)
-        in_splits = [idx.numel() * width + head * (p != me) for p, idx in enumerate(routes.recv)]
-        recv = torch.empty(sum(in_splits), dtype=word, device=buffers[0].device)
-        started = kvt._start(routes, pg, bufs, None, (i, digest), recv_out=recv)
+        recv = stage[offset : offset + sum(splits[i])]
+        offset += recv.numel()
+        started = kvt._start(routes, pg, bufs, send_ws, (i, digest), recv_out=recv)
         kvt._wait_checked(routes, started)
-        rounds.append(StagedRound(first, len(bufs), recv, in_splits, head))
+        rounds.append(StagedRound(first, len(bufs), recv, splits[i], head))
         sent, received = sent + started.sent, received + started.received
         if pace is not None:
             pace(time.perf_counter() - t1)
@@ -138,6 +151,14 @@ def apply_staged(staged: StagedKV, buffers: Sequence[torch.Tensor],
                         written += part.numel() * part.element_size()
             offset += n
     return written
+
+
+def _flat(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A flat uint8 buffer; on CPU its own anonymous mmap (returned to the system when the
+    last view is dropped)."""
+    if device.type == "cpu" and nbytes > 0:
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
 def _segment_slots(plan: TransferPlan, group: tuple[int, ...], rank: int,

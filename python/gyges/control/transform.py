@@ -223,8 +223,12 @@ class Transformer:
         phases["total_ms"] = _ms(t0)
         instances = [self.describe(i) for i in target.instances if i.ranks[0] in ranks]
         members = [replies[r] for r in ranks]
+        cutover = sum(int(m.get("kv_bytes_moved", 0)) for m in members)
         return {"op": job.kind, "ranks": list(ranks), "instances": instances,
-                "kv_bytes_moved": sum(int(m.get("kv_bytes_moved", 0)) for m in members),
+                # all the KV this transformation sent between ranks (pre-copy included)
+                "kv_bytes_moved": cutover + sum(int(m.get("precopy_bytes", 0))
+                                                for m in members),
+                "cutover_kv_bytes": cutover,
                 **{key: sum(int(m.get(key, 0)) for m in members)
                    for key in ("weight_bytes_released", "weight_bytes_restored")
                    if any(key in m for m in members)},
@@ -315,7 +319,7 @@ def _summary(job: Job) -> Message:
     if res:
         out.update({"cutover_ms": res["elapsed_ms"].get("cutover_ms"),
                     "total_ms": res["elapsed_ms"].get("total_ms"),
-                    "cutover_kv_bytes": res.get("kv_bytes_moved", 0),
+                    "cutover_kv_bytes": res.get("cutover_kv_bytes", 0),
                     "precopy": res.get("precopy"), "requests_moved": res["requests_moved"]})
     return out
 

@@ -46,7 +46,6 @@ class TransformMetrics:
         self._restored.inc(int(result.get("weight_bytes_restored", 0)))
         pre = result.get("precopy") or {}
         self._precopy.labels(op=op).inc(int(pre.get("bytes", 0)))
-        self._restored.inc(int(pre.get("weight_bytes", 0)))
         cutover_ms = (result.get("elapsed_ms") or {}).get("cutover_ms")
         if cutover_ms is not None:
             self._cutover.labels(op=op).observe(float(cutover_ms) / 1000)

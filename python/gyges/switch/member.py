@@ -418,7 +418,11 @@ class GroupMember:
                 "pages_copied": len(split.copies), **self._precopy_done(pc, staged),
                 "prefix_nodes_dropped": cache.dropped_nodes,
                 "prefix_tokens_dropped": cache.dropped_tokens,
-                "weight_bytes_restored": restored.bytes_received if restored else 0,
+                # all this split restored; a pre-copy restored most before the cutover
+                "weight_bytes_restored": (restored.bytes_received if restored else 0)
+                + (pc.weights_restored if pc is not None else 0),
+                "weight_bytes_restored_in_cutover": restored.bytes_received if restored
+                else 0,
                 **moved_reqs}
 
     # -- pre-copy (gyges.switch.precopy) -------------------------------------------------
