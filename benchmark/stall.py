@@ -95,6 +95,16 @@ def _worst_gap(times: list[list[float]], t0: float, t1: float) -> float:
     return worst
 
 
+def _gap_within(ts: list[float], spans: list[tuple[float, float]]) -> float | None:
+    """Seconds per token of one stream inside the pre-copy spans (None: no two chunks)."""
+    total, tokens = 0.0, 0
+    for t0, t1 in spans:
+        inside = [t for t in ts if t0 <= t <= t1]
+        if len(inside) >= 2:
+            total, tokens = total + inside[-1] - inside[0], tokens + len(inside) - 1
+    return total / tokens if tokens else None
+
+
 def _typical_gap(ts: list[float], windows: list[tuple[float, float]]) -> float:
     """Seconds per token of one stream over its longest stretch outside ``windows``."""
     best = (0, 0.0)
@@ -147,13 +157,15 @@ def run_mode(url: str, dp: int, prompts: list[list[int]], new: int, precopy: boo
     for t in threads:
         t.start()
     _wait_chunks(times, threads, 20)
-    windows, replies = {}, {}
+    windows, replies, spans_of = {}, {}, {}
     for op in ("merge", "split"):
         spans = []
         for ranks in _steps(dp, op):
             reply, t0, t1 = _transform(url, op, ranks, precopy)
             replies.setdefault(op, []).append(reply)
             spans.append((t0, t1))
+            spans_of.setdefault(op, []).append(
+                (t0, t0 + reply["elapsed_ms"].get("precopy_ms", 0.0) / 1000))
         windows[op] = (spans[0][0], spans[-1][1])
         _wait_chunks(times, threads, 20)
     for t in threads:
@@ -177,7 +189,11 @@ def run_mode(url: str, dp: int, prompts: list[list[int]], new: int, precopy: boo
                                            / 2**20, 2),
                    "requests_moved": moved}
         if precopy:
+            during = [_gap_within(ts, spans_of[op]) for ts in times]
+            during = [g for g in during if g is not None]
             out[op].update({
+                "gap_during_precopy_ms": round(statistics.median(during) * 1000, 1)
+                if during else None,
                 "precopy_kv_mib": round(sum(p.get("bytes", 0) for p in pre) / 2**20, 1),
                 "precopy_weight_mib": round(sum(p.get("weight_bytes", 0) for p in pre)
                                             / 2**20, 1),
