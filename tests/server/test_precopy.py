@@ -27,7 +27,7 @@ PREFIX = [(3 * j) % 700 + 9 for j in range(600)]
 @pytest.fixture(scope="module")
 def knobs(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("precopy")
-    paths = {"fault": d / "fault", "floor": d / "floor"}
+    paths = {"fault": d / "fault", "floor": d / "floor", "staging": d / "staging"}
     for p in paths.values():
         p.write_text("")
     return paths
@@ -38,6 +38,7 @@ def srv(knobs):
     s = SGLangServer(tiny_model(LLAMA_GQA), dp_size=2, gyges=True, max_total_tokens=8192)
     s.env["GYGES_FAULT_INJECT"] = f"@{knobs['fault']}"
     s.env["GYGES_PRECOPY_ROUND_FLOOR_S"] = f"@{knobs['floor']}"
+    s.env["GYGES_PRECOPY_MAX_STAGING_MB"] = f"@{knobs['staging']}"
     s.env["GYGES_EXIT_GRACE_S"] = "4"
     with s:
         yield s
@@ -153,6 +154,24 @@ def test_requests_finish_arrive_and_abort_during_a_precopy(srv, knobs):
                 assert again["meta_info"]["cached_tokens"] >= 600, again["meta_info"]
     finally:
         knobs["floor"].write_text("")
+
+
+def test_no_staging_memory_means_stop_the_world_and_the_next_one_precopies(srv, knobs):
+    refs = [_ref(srv.url, p, 160) for p in LONG[:2]]
+    streams = [Stream(srv.url, p, 160) for p in LONG[:2]]
+    _started(streams)
+    knobs["staging"].write_text("0.01")  # 10 KiB: less than one round needs
+    try:
+        status, out = _post(srv.url, "merge")
+    finally:
+        knobs["staging"].write_text("")
+    assert status == 200, out
+    assert "pre-copy unavailable" in out["precopy"]["skipped"], out["precopy"]
+    assert out["requests_moved"]["running"] >= 1 and out["cutover_kv_bytes"] > 0, out
+    status, out = _post(srv.url, "split")  # the side group is intact: pre-copied again
+    assert status == 200 and out["precopy"]["bytes"] > 0, out
+    for s, want in zip(streams, refs, strict=True):
+        assert s.final()["output_ids"] == want
 
 
 def test_a_failed_precopy_changes_nothing_and_later_transformations_stop_the_world(srv,

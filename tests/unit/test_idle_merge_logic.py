@@ -177,6 +177,18 @@ def test_precopy_that_cannot_start_falls_back_to_stop_the_world():
         Instance((0, 1)),)
 
 
+def test_precopy_without_staging_memory_falls_back_to_stop_the_world():
+    bus = FakeBus()
+    bus.precopy_fault = {"precopy_status": {"ok": True, "done": True, "fallback": True,
+                                            "error": "pre-copy unavailable: no staging"}}
+    tr, _, state = make(bus)
+    res = finish(tr, tr.start({"op": "merge", "ranks": [0, 1]})["job"])
+    assert bus.last["precopy"] is False and "no staging" in res["precopy"]["skipped"]
+    drop = bus.precopies[-1]
+    assert drop["op"] == "precopy_drop" and drop["broken"] is None
+    assert state["topo"].instances == (Instance((0, 1)),)
+
+
 def test_precopy_that_fails_is_409_nothing_changed_and_the_group_is_dropped():
     bus = FakeBus()
     bus.precopy_fault = {"precopy_status": {"ok": True, "done": True,

@@ -17,6 +17,7 @@ import torch
 from gloo_procs import run_workers
 
 from gyges.comm.kv_precopy import (
+    PrecopyUnavailable,
     apply_staged,
     cutover_plan,
     local_moves,
@@ -145,6 +146,21 @@ def _worker(port: int, proc: int, out: mp.Queue) -> None:
             ok = all(torch.equal(g, w) for g, w in zip(bufs, everyone[rank], strict=True))
             out.put((case.name, rank, ok, staged.bytes_received, stats.bytes_received,
                      applied, len(local_moves(full))))
+        if groups[2] is not None:  # one member without staging memory: all stop, together
+            group, pg = groups[2]
+            rank = group[proc]
+            case = CASES[0]
+            plan = remote_moves(plan_transformation(group, 1, 2, HEADS,
+                                                    _ranges(_story(case).snapshot)))
+            try:
+                precopy(plan, group, rank, pg, _buffers(proc),
+                        max_staging_bytes=1 if proc == 0 else None)
+                refused = ""
+            except PrecopyUnavailable as e:
+                refused = str(e)
+            again = precopy(plan, group, rank, pg, _buffers(proc))  # the group still works
+            out.put(("unavailable", rank, "member(s) [0]" in refused, again.bytes_received,
+                     0, 0, 0))
     except BaseException:
         import traceback
         out.put(("error", proc, False, traceback.format_exc()))
@@ -152,7 +168,7 @@ def _worker(port: int, proc: int, out: mp.Queue) -> None:
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    expected = sum(case.size for case in CASES)
+    expected = sum(case.size for case in CASES) + 2
     got = run_workers(_worker, 4, expected, preload="gyges.comm.kv_precopy")
     return {(g[0], g[1]): g[2:] for g in got}
 
@@ -168,6 +184,14 @@ def test_precopy_then_cutover_equals_stop_the_world(case: Case, results: dict) -
         assert applied <= staged
     assert staged_total > 0
     assert cutover_total < staged_total  # only written and new slots cross again
+
+
+def test_a_member_without_staging_makes_all_refuse_and_the_group_stays_usable(
+        results: dict) -> None:
+    for rank in PAIR:
+        refused_together, again, *_ = results[("unavailable", rank)]
+        assert refused_together, rank
+        assert again > 0
 
 
 def test_precopy_refuses_local_moves() -> None:

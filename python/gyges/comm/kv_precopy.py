@@ -19,9 +19,11 @@ import mmap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import AllgatherOptions
 
 from gyges.comm import kv_transfer as kvt
 from gyges.core.transfer_plan import BlockMove, TransferPlan, plan_digest
@@ -29,6 +31,12 @@ from gyges.core.transfer_plan import BlockMove, TransferPlan, plan_digest
 
 class PrecopyCancelled(kvt.KvTransferError):
     """The pre-copy was told to stop between two rounds."""
+
+
+class PrecopyUnavailable(RuntimeError):
+    """A member could not allocate its staging memory; every member raises it together,
+    before any KV moves, and the side group stays usable (the caller stops the world
+    instead)."""
 
 
 @dataclass
@@ -68,12 +76,15 @@ def precopy(plan: TransferPlan, group_ranks: tuple[int, ...], rank: int,
             pg: dist.ProcessGroup, buffers: Sequence[torch.Tensor], *,
             buffers_per_round: int = 2,
             pace: Callable[[float], None] | None = None,
-            cancelled: Callable[[], bool] | None = None) -> StagedKV:
+            cancelled: Callable[[], bool] | None = None,
+            max_staging_bytes: int | None = None) -> StagedKV:
     """Run the cross-rank moves of ``plan`` over ``pg`` and stage what arrives; collective
     over the group like :func:`gyges.comm.kv_transfer.execute_plan`. Reads ``buffers``
     while others write them: a row written after the plan's snapshot must be discarded
     by the caller (:func:`apply_staged`'s ``keep``). ``pace(seconds of the last round)``
-    runs between rounds (throttling); ``cancelled()`` is checked there too."""
+    runs between rounds (throttling); ``cancelled()`` is checked there too. A member whose
+    staging (what it receives, plus one round's send buffer) exceeds ``max_staging_bytes``
+    or cannot be allocated makes every member raise :class:`PrecopyUnavailable`."""
     t0 = time.perf_counter()
     if local_moves(plan):
         raise ValueError("pre-copy moves only across ranks; local moves belong to the cutover")
@@ -89,7 +100,6 @@ def precopy(plan: TransferPlan, group_ranks: tuple[int, ...], rank: int,
     sent = received = 0
     if not routes.exchanges:
         return StagedKV(plan, slots, routes, rounds, segs, 0, 0, _ms(t0))
-    kvt._agree_manifest(routes, pg, buffers, buffers_per_round, digest)
     word = kvt._word_dtype(buffers)
     me = routes.me
     head = kvt.HEADER_BYTES // word.itemsize
@@ -103,8 +113,17 @@ def precopy(plan: TransferPlan, group_ranks: tuple[int, ...], rank: int,
     # one staging buffer for every round (what this rank receives) and one send buffer
     # reused by each round: on CPU anonymous mmaps, unmapped when the pre-copy is dropped
     # (glibc would keep freed chunks of this size in its heap, resident)
-    stage = _flat(sum(map(sum, splits)) * word.itemsize, buffers[0].device).view(word)
-    send_ws = _flat(max(sends) * word.itemsize, buffers[0].device)
+    need = (sum(map(sum, splits)) + max(sends)) * word.itemsize
+    why = ""
+    try:
+        if max_staging_bytes is not None and need > max_staging_bytes:
+            raise MemoryError(f"{need} staging bytes needed, the limit is {max_staging_bytes}")
+        stage = _flat(sum(map(sum, splits)) * word.itemsize, buffers[0].device).view(word)
+        send_ws = _flat(max(sends) * word.itemsize, buffers[0].device)
+    except (MemoryError, RuntimeError, OSError) as e:  # mmap raises OSError
+        why = f"rank {rank}: {type(e).__name__}: {e}"
+    _agree_staging(pg, me, len(group), not why, why)
+    kvt._agree_manifest(routes, pg, buffers, buffers_per_round, digest)
     offset = 0
     for i, first in enumerate(firsts):
         if cancelled is not None and cancelled():
@@ -151,6 +170,22 @@ def apply_staged(staged: StagedKV, buffers: Sequence[torch.Tensor],
                         written += part.numel() * part.element_size()
             offset += n
     return written
+
+
+def _agree_staging(pg: dist.ProcessGroup, me: int, n: int, ok: bool, why: str) -> None:
+    """All-gather whether each member holds its staging; all raise alike if one does not."""
+    mine = torch.tensor([int(ok)], dtype=torch.int64)
+    got = [torch.empty_like(mine) for _ in range(n)]
+    opts = AllgatherOptions()
+    opts.timeout = timedelta(seconds=kvt.TIMEOUT_FLOOR_S)
+    try:
+        pg.allgather([got], [mine], opts).wait()
+    except Exception as e:
+        raise kvt.KvTransferError(f"pre-copy staging agreement failed: {e}") from e
+    missing = [p for p, x in enumerate(got) if not int(x)]
+    if missing:
+        raise PrecopyUnavailable(f"no staging memory for the pre-copy on member(s) "
+                                 f"{missing}" + (f" ({why})" if why else ""))
 
 
 def _flat(nbytes: int, device: torch.device) -> torch.Tensor:

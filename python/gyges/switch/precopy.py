@@ -34,7 +34,14 @@ from typing import Any
 
 import torch
 
-from gyges.comm.kv_precopy import StagedKV, apply_staged, cutover_plan, precopy, remote_moves
+from gyges.comm.kv_precopy import (
+    PrecopyUnavailable,
+    StagedKV,
+    apply_staged,
+    cutover_plan,
+    precopy,
+    remote_moves,
+)
 from gyges.core.migration_plan import used_ranges_by_segment
 from gyges.core.transfer_plan import TransferPlan, plan_transformation
 from gyges.switch import capacity, prefix_cache
@@ -46,6 +53,13 @@ logger = logging.getLogger(__name__)
 MAX_PACE_S = 0.25
 
 
+def max_staging_bytes() -> int | None:
+    """Cap on a member's pre-copy staging (``GYGES_PRECOPY_MAX_STAGING_MB``; default none):
+    a pre-copy that would need more runs as a stop-the-world transformation instead."""
+    value = _knob("GYGES_PRECOPY_MAX_STAGING_MB")
+    return None if not value else int(float(value) * 2**20)
+
+
 def duty() -> float:
     """Share of wall time the pre-copy thread may use (``GYGES_PRECOPY_DUTY``, 0.05-1):
     after a round of t seconds it sleeps t * (1 - duty) / duty."""
@@ -53,17 +67,22 @@ def duty() -> float:
 
 
 def round_floor_s() -> float:
-    """Least sleep after each round (``GYGES_PRECOPY_ROUND_FLOOR_S``, default 0; ``@PATH``
-    reads it from that file at each pre-copy): tests stretch a pre-copy with it so that
-    requests can finish, arrive or abort during one."""
-    value = os.environ.get("GYGES_PRECOPY_ROUND_FLOOR_S", "0")
+    """Least sleep after each round (``GYGES_PRECOPY_ROUND_FLOOR_S``, default 0): tests
+    stretch a pre-copy with it so that requests can finish, arrive or abort during one."""
+    return max(float(_knob("GYGES_PRECOPY_ROUND_FLOOR_S") or "0"), 0.0)
+
+
+def _knob(name: str) -> str:
+    """An environment setting; ``@PATH`` reads it from that file at each pre-copy (a test
+    changes it in a running server; a missing or empty file means unset)."""
+    value = os.environ.get(name, "")
     if value.startswith("@"):
         try:
             with open(value[1:]) as f:
-                value = f.read().strip() or "0"
+                return f.read().strip()
         except OSError:
-            value = "0"
-    return max(float(value), 0.0)
+            return ""
+    return value
 
 
 @dataclass
@@ -82,11 +101,12 @@ class PreCopy:
     staged: StagedKV | None = None
     weights_restored: int = 0
     error: str | None = None
+    fallback: bool = False  # the error left the side group usable: stop the world instead
     started: float = field(default_factory=time.perf_counter)
 
     def status(self) -> dict[str, Any]:
         st = self.staged
-        return {"done": self.done.is_set(), "error": self.error,
+        return {"done": self.done.is_set(), "error": self.error, "fallback": self.fallback,
                 "precopy_bytes": st.bytes_received if st else 0,
                 "precopy_rounds": len(st.rounds) if st else 0,
                 "precopy_ms": st.elapsed_ms if st else 0.0,
@@ -147,7 +167,8 @@ def run(pc: PreCopy, the_plan: TransferPlan, rank: int, side: Any, buffers: list
     try:
         inject(pc.op, "precopy", rank)
         pc.staged = precopy(the_plan, pc.ranks, rank, side, buffers, buffers_per_round=2,
-                            pace=pace, cancelled=pc.cancel.is_set)
+                            pace=pace, cancelled=pc.cancel.is_set,
+                            max_staging_bytes=max_staging_bytes())
         if restore is not None:
             pc.weights_restored = restore()
         st = pc.staged
@@ -155,6 +176,8 @@ def run(pc: PreCopy, the_plan: TransferPlan, rank: int, side: Any, buffers: list
                     "%.1f ms (wall %.1f ms), %d weight bytes", rank, pc.op, list(pc.ranks),
                     st.bytes_received, st.bytes_sent, len(st.rounds), st.elapsed_ms,
                     (time.perf_counter() - pc.started) * 1000, pc.weights_restored)
+    except PrecopyUnavailable as e:  # every member alike; the side group stays usable
+        pc.error, pc.fallback = f"pre-copy unavailable: {e}", True
     except Exception as e:  # reported by precopy_status; the old configuration serves on
         logger.exception("gyges: rank %d: pre-copy of %s %s failed", rank, pc.op,
                          list(pc.ranks))
