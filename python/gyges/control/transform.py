@@ -260,8 +260,10 @@ class Transformer:
             raise ControlError(f"{job.kind} of {list(ranks)} refused, nothing changed: "
                                f"{why}; this group will not be transformed again", 422)
         if failed:
-            skipped.append(next(str(x.get("error")) for x in failed.values()))
-            self._drop_precopy(ranks, None)
+            why = next(str(x.get("error")) for x in failed.values())
+            skipped.append(why)
+            # members that did start are in a side-group collective their peers never join
+            self._drop_precopy(ranks, why if len(failed) < len(ranks) else None)
             return None
         deadline = time.monotonic() + PRECOPY_TIMEOUT_S
         while True:

@@ -428,8 +428,10 @@ class GroupMember:
     # -- pre-copy (gyges.switch.precopy) -------------------------------------------------
 
     def on_precopy(self, msg: Message) -> Message:
-        """Start pre-copying the KV of a merge or split of ``ranks`` (collective: one vote
-        exchanges the members' snapshots); the members keep serving meanwhile."""
+        """Start pre-copying the KV of a merge or split of ``ranks``; the members keep
+        serving meanwhile. Only local work happens here (the write tracking, this
+        instance's snapshot): the members exchange snapshots in the pre-copy thread, so
+        no member waits here for a peer's step."""
         t0 = time.perf_counter()
         op, ranks = str(msg.get("kind")), tuple(int(r) for r in msg["ranks"])
         self._drop_precopy()
@@ -438,35 +440,28 @@ class GroupMember:
         if op == "merge":
             group = self.pool.group(ranks)
             k_from, k_to = self.tp, len(ranks)
-            offset = merge_offset(group.rank_in_group // k_from, k_from, slots) \
-                if k_from == k_to // 2 else 0
         elif op == "split" and self.group is not None and self.group.ranks == ranks:
-            group, k_from, k_to, offset = self.group, len(ranks), len(ranks) // 2, 0
+            group, k_from, k_to = self.group, len(ranks), len(ranks) // 2
         else:
             raise RuntimeError(f"rank {self.rank} cannot pre-copy a {op} of {list(ranks)}")
+        # the same answer on every member (topology, pool, drops broadcast to all)
+        if k_to * 2 != k_from and k_from * 2 != k_to:
+            raise Refused(f"rank {self.rank} is in a TP{k_from} instance, not a half of "
+                          f"TP{k_to}", retry=False)
+        if group.side_group is None or ranks in self.precopy_broken:
+            raise Refused(f"no pre-copy for {list(ranks)}: "
+                          f"{self.precopy_broken.get(ranks, 'no side communicator')}",
+                          retry=False)
+        offset = merge_offset(group.rank_in_group // k_from, k_from, slots) \
+            if op == "merge" else 0
         written = precopy_mod.start_tracking(pool)  # before the snapshot: no write is missed
         try:
-            mine = Ballot(True)
-            if k_to != 2 * k_from and op == "merge":
-                mine = Ballot(False, f"rank {self.rank} is in a TP{k_from} instance, not a "
-                              f"half of TP{k_to}")
-            elif group.side_group is None or ranks in self.precopy_broken:
-                mine = Ballot(False, f"no pre-copy for {list(ranks)}: "
-                              f"{self.precopy_broken.get(ranks, 'no side communicator')}")
-            else:
-                ids = precopy_mod.used_slots(s) + offset
-                mine = Ballot(True, payload=ids.numpy().tobytes())
-            ballots = self._vote(group, op, mine)
-            ids = torch.unique(torch.cat([torch.frombuffer(bytearray(b.payload),
-                                                           dtype=torch.int64)
-                                          for b in ballots if b.payload]))
-            plan = precopy_mod.plan(ranks, k_from, k_to, pool, ids)
+            ids = precopy_mod.used_slots(s) + offset
         except BaseException:
             precopy_mod.stop_tracking(pool)
             raise
-        snapshot = torch.zeros(len(ranks) * slots, dtype=torch.bool)
-        snapshot[ids] = True
-        pc = precopy_mod.PreCopy(op, ranks, k_from, k_to, snapshot, offset, written)
+        pc = precopy_mod.PreCopy(op, ranks, k_from, k_to, torch.zeros(0, dtype=torch.bool),
+                                 offset, written)
         restore = None
         padded = model_switch.padded_weights(s.tp_worker.model_runner.model)
         if op == "split" and padded:
@@ -475,13 +470,13 @@ class GroupMember:
             def restore() -> int:
                 return restore_shards(padded, k_from, k_to, r, side).bytes_received
         threading.Thread(target=precopy_mod.run, daemon=True, name="gyges-precopy",
-                         args=(pc, plan, self.rank, group.side_group,
+                         args=(pc, ids, pool, self.rank, group.side_group,
                                _storages_by_layer(pool), restore)).start()
         self.precopy = pc
-        logger.info("gyges: rank %d started the pre-copy of %s %s: %d slots, %d moves, "
-                    "%.1f ms on the scheduler thread", self.rank, op, list(ranks),
-                    int(ids.numel()), len(plan.moves), (time.perf_counter() - t0) * 1000)
-        return {"started": True, "slots": int(ids.numel()), "moves": len(plan.moves)}
+        logger.info("gyges: rank %d started the pre-copy of %s %s: %d slots here, %.1f ms "
+                    "on the scheduler thread", self.rank, op, list(ranks), int(ids.numel()),
+                    (time.perf_counter() - t0) * 1000)
+        return {"started": True, "slots": int(ids.numel())}
 
     def on_precopy_status(self, _msg: Message) -> Message:
         pc = self.precopy

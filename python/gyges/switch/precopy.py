@@ -3,12 +3,13 @@ a short cutover that moves only what changed.
 
 A member's side of a pre-copy (:class:`PreCopy`), between its own serving steps:
 
-1. ``precopy`` command (collective over the group's CPU group, one vote): the member starts
-   tracking the slots its pool writes (``HeadMajorKVPool.gyges_written``), snapshots the
-   slots its instance uses (running rows, the last extend batch, the prefix cache) in the
-   target group's merged slot ids, and the members exchange snapshots. Each plans the
-   cross-rank moves of the transformation over the union and starts a thread that runs
-   them over the group's side communicator into staging memory
+1. ``precopy`` command (local, between the member's steps): the member starts tracking the
+   slots its pool writes (``HeadMajorKVPool.gyges_written``), snapshots the slots its
+   instance uses (running rows, the last extend batch, the prefix cache) in the target
+   group's merged slot ids and starts a thread. The thread exchanges the members'
+   snapshots over the group's side communicator, plans the cross-rank moves of the
+   transformation over their union and runs them over the same communicator into staging
+   memory
    (:func:`gyges.comm.kv_precopy.precopy`), paced to leave the serving steps most of the
    machine. A split's thread then restores the padded MLP shards the halves will own
    (the merged instance never reads them).
@@ -45,7 +46,7 @@ from gyges.comm.kv_precopy import (
 from gyges.core.migration_plan import used_ranges_by_segment
 from gyges.core.transfer_plan import TransferPlan, plan_transformation
 from gyges.switch import capacity, prefix_cache
-from gyges.switch.protocol import inject
+from gyges.switch.protocol import inject, vote_timeout_s
 
 logger = logging.getLogger(__name__)
 
@@ -151,9 +152,11 @@ def plan(ranks: tuple[int, ...], k_from: int, k_to: int, pool: Any,
                                             slots_per_replica=slots))
 
 
-def run(pc: PreCopy, the_plan: TransferPlan, rank: int, side: Any, buffers: list[torch.Tensor],
-        restore: Any = None) -> None:
-    """The pre-copy thread: stage the plan's moves, then (a split) restore the weights."""
+def run(pc: PreCopy, mine: torch.Tensor, pool: Any, rank: int, side: Any,
+        buffers: list[torch.Tensor], restore: Any = None) -> None:
+    """The pre-copy thread: exchange the members' snapshots (``mine``: this instance's used
+    merged slot ids) over the side group, stage the plan's moves, then (a split) restore
+    the weights."""
     share, floor = duty(), round_floor_s()
 
     def pace(seconds: float) -> None:
@@ -166,16 +169,23 @@ def run(pc: PreCopy, the_plan: TransferPlan, rank: int, side: Any, buffers: list
     torch.set_num_threads(1)
     try:
         inject(pc.op, "precopy", rank)
+        ids = exchange_ids(side, mine)
+        snapshot = torch.zeros(len(pc.ranks) * capacity.slots_per_replica(pool),
+                               dtype=torch.bool)
+        snapshot[ids] = True
+        pc.snapshot = snapshot
+        the_plan = plan(pc.ranks, pc.k_from, pc.k_to, pool, ids)
         pc.staged = precopy(the_plan, pc.ranks, rank, side, buffers, buffers_per_round=2,
                             pace=pace, cancelled=pc.cancel.is_set,
                             max_staging_bytes=max_staging_bytes())
         if restore is not None:
             pc.weights_restored = restore()
         st = pc.staged
-        logger.info("gyges: rank %d pre-copied %s %s: %d bytes in, %d out, %d rounds, "
-                    "%.1f ms (wall %.1f ms), %d weight bytes", rank, pc.op, list(pc.ranks),
-                    st.bytes_received, st.bytes_sent, len(st.rounds), st.elapsed_ms,
-                    (time.perf_counter() - pc.started) * 1000, pc.weights_restored)
+        logger.info("gyges: rank %d pre-copied %s %s: %d slots, %d bytes in, %d out, %d "
+                    "rounds, %.1f ms (wall %.1f ms), %d weight bytes", rank, pc.op,
+                    list(pc.ranks), int(ids.numel()), st.bytes_received, st.bytes_sent,
+                    len(st.rounds), st.elapsed_ms, (time.perf_counter() - pc.started) * 1000,
+                    pc.weights_restored)
     except PrecopyUnavailable as e:  # every member alike; the side group stays usable
         pc.error, pc.fallback = f"pre-copy unavailable: {e}", True
     except Exception as e:  # reported by precopy_status; the old configuration serves on
@@ -184,6 +194,28 @@ def run(pc: PreCopy, the_plan: TransferPlan, rank: int, side: Any, buffers: list
         pc.error = f"pre-copy failed on rank {rank}: {type(e).__name__}: {e}"
     finally:
         pc.done.set()
+
+
+def exchange_ids(pg: Any, mine: torch.Tensor) -> torch.Tensor:
+    """The union of every member's slot ids (sorted, unique); collective over ``pg``
+    (counts first, then the ids padded to the longest), bounded like a vote."""
+    from datetime import timedelta
+
+    from torch._C._distributed_c10d import AllgatherOptions
+
+    n = pg.size()
+    opts = AllgatherOptions()
+    opts.timeout = timedelta(seconds=vote_timeout_s())
+    count = torch.tensor([mine.numel()], dtype=torch.int64)
+    counts = [torch.empty_like(count) for _ in range(n)]
+    pg.allgather([counts], [count], opts).wait()
+    longest = max(int(c) for c in counts)
+    padded = torch.full((max(longest, 1),), -1, dtype=torch.int64)
+    padded[: mine.numel()] = mine.to(torch.int64)
+    got = [torch.empty_like(padded) for _ in range(n)]
+    pg.allgather([got], [padded], opts).wait()
+    every = torch.cat([g[: int(c)] for g, c in zip(got, counts, strict=True)])
+    return torch.unique(every)
 
 
 def cutover(pc: PreCopy | None, full_args: tuple[Any, ...], now: torch.Tensor,
