@@ -454,14 +454,13 @@ class GroupMember:
                           retry=False)
         offset = merge_offset(group.rank_in_group // k_from, k_from, slots) \
             if op == "merge" else 0
-        written = precopy_mod.start_tracking(pool)  # before the snapshot: no write is missed
+        precopy_mod.start_tracking(pool)  # before the snapshot: no write is missed
         try:
             ids = precopy_mod.used_slots(s) + offset
         except BaseException:
             precopy_mod.stop_tracking(pool)
             raise
-        pc = precopy_mod.PreCopy(op, ranks, k_from, k_to, torch.zeros(0, dtype=torch.bool),
-                                 offset, written)
+        pc = precopy_mod.PreCopy(op, ranks, k_from, k_to, torch.zeros(0, dtype=torch.bool))
         restore = None
         padded = model_switch.padded_weights(s.tp_worker.model_runner.model)
         if op == "split" and padded:
@@ -511,7 +510,8 @@ class GroupMember:
             self._drop_precopy()
             return {}
         out = {**pc.status(), "kv_bytes_staged_applied": staged}
-        out.pop("done"), out.pop("error")
+        for key in ("done", "error", "fallback"):
+            out.pop(key)
         self.precopy = None  # consumed: the restored shards are the new instance's
         self._drop_precopy()
         return out

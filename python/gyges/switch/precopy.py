@@ -95,8 +95,6 @@ class PreCopy:
     k_from: int
     k_to: int
     snapshot: torch.Tensor  # bool [n * S]: merged slot ids staged (every member's)
-    offset: int  # this member's instance's first merged slot id in the group
-    written: torch.Tensor  # the pool's write mask (this instance's own slot ids)
     done: threading.Event = field(default_factory=threading.Event)
     cancel: threading.Event = field(default_factory=threading.Event)
     staged: StagedKV | None = None
@@ -144,12 +142,12 @@ def stop_tracking(pool: Any) -> None:
 
 def plan(ranks: tuple[int, ...], k_from: int, k_to: int, pool: Any,
          ids: torch.Tensor) -> TransferPlan:
-    """The cross-rank moves of the transformation over the merged slot ``ids``."""
+    """The transformation's KV moves over the merged slot ``ids`` (every move: the cutover
+    takes the local ones, the pre-copy the others)."""
     slots = capacity.slots_per_replica(pool)
     used = used_ranges_by_segment(ids, slots, len(ranks))
-    return remote_moves(plan_transformation(ranks, k_from, k_to,
-                                            pool.gyges_k_layout.num_kv_heads, used,
-                                            slots_per_replica=slots))
+    return plan_transformation(ranks, k_from, k_to, pool.gyges_k_layout.num_kv_heads, used,
+                               slots_per_replica=slots)
 
 
 def run(pc: PreCopy, mine: torch.Tensor, pool: Any, rank: int, side: Any,
@@ -174,7 +172,7 @@ def run(pc: PreCopy, mine: torch.Tensor, pool: Any, rank: int, side: Any,
                                dtype=torch.bool)
         snapshot[ids] = True
         pc.snapshot = snapshot
-        the_plan = plan(pc.ranks, pc.k_from, pc.k_to, pool, ids)
+        the_plan = remote_moves(plan(pc.ranks, pc.k_from, pc.k_to, pool, ids))
         pc.staged = precopy(the_plan, pc.ranks, rank, side, buffers, buffers_per_round=2,
                             pace=pace, cancelled=pc.cancel.is_set,
                             max_staging_bytes=max_staging_bytes())
@@ -223,15 +221,7 @@ def cutover(pc: PreCopy | None, full_args: tuple[Any, ...], now: torch.Tensor,
     """The cutover's plan and the staged slots to apply (bool over merged ids, or None
     without a pre-copy). ``full_args``: ``(ranks, k_from, k_to, pool)``; ``now``: merged
     slot ids used now; ``written``: merged slot ids written since the snapshot."""
-    ranks, k_from, k_to, pool = full_args
-    slots = capacity.slots_per_replica(pool)
-    heads = pool.gyges_k_layout.num_kv_heads
-
-    def over(ids: torch.Tensor) -> TransferPlan:
-        used = used_ranges_by_segment(ids, slots, len(ranks))
-        return plan_transformation(ranks, k_from, k_to, heads, used, slots_per_replica=slots)
-
-    full = over(now)
+    full = plan(*full_args, now)
     if pc is None or pc.staged is None:
         return full, None
     stale = ~pc.snapshot
@@ -239,7 +229,7 @@ def cutover(pc: PreCopy | None, full_args: tuple[Any, ...], now: torch.Tensor,
     again = now[stale[now]]
     keep = torch.zeros_like(pc.snapshot)
     keep[now[~stale[now]]] = True
-    return cutover_plan(full, over(again)), keep
+    return cutover_plan(full, plan(*full_args, again)), keep
 
 
 def apply(pc: PreCopy, buffers: list[torch.Tensor], keep: torch.Tensor) -> int:
