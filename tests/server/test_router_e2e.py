@@ -154,7 +154,10 @@ def test_short_requests_match_direct_and_spread(servers, router):
     assert all(status[s.url]["gyges"] for s in servers)
 
 
-def test_long_requests_gather_on_one_host_while_other_serves_short(servers, router):
+def test_long_requests_merge_where_placed_while_shorts_flow(servers, router):
+    """Load first (router/policy.py): long requests go to the least-loaded host, so they may
+    land on either; each host that took one merged for it, the others did not transform, and
+    short requests kept flowing to both."""
     n = long_tokens(router)
     before = by_url(router.status())
     merges_before = {u: auto_merges(u) for u in before}
@@ -171,13 +174,11 @@ def test_long_requests_gather_on_one_host_while_other_serves_short(servers, rout
     assert [r["text"] for _, r in long_out + short_out] == direct
     delta = {u: {k: after[u][k] - before[u][k] for k in ("routed_long", "routed_short")}
              for u in after}  # fmt: skip
-    long_hosts = [u for u, d in delta.items() if d["routed_long"]]
     placements = [x for x in Path(router.log.name).read_text().splitlines() if "long request" in x]
-    assert len(long_hosts) == 1 and delta[long_hosts[0]]["routed_long"] == len(longs), \
-        (delta, placements)
-    other = next(u for u in delta if u != long_hosts[0])
-    assert delta[other]["routed_short"] > 0, delta
-    assert merged[long_hosts[0]] >= 1 and merged[other] == 0, merged
+    assert sum(d["routed_long"] for d in delta.values()) == len(longs), (delta, placements)
+    for u, d in delta.items():
+        assert (merged[u] >= 1) == (d["routed_long"] > 0), (merged, delta, placements)
+    assert sum(d["routed_short"] for d in delta.values()) >= len(shorts), delta
 
 
 def test_openai_client_streams_through_router(servers, router):

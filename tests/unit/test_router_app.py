@@ -188,7 +188,8 @@ async def test_aggregate_status_and_stock_fallback():
 
 @run_async
 async def test_gyges_policy_keeps_long_requests_on_one_host():
-    """Long requests (> one replica's 1000 tokens) gather on one host; short ones go elsewhere."""
+    """Long requests (> one replica's 1000 tokens) sent one after another stay on one host (equal
+    load: the host that took long requests lately); shorts balance by outstanding requests."""
     a, b = FakeWorker("a", hold_s=0.3), FakeWorker("b", hold_s=0.3)
     long = {"input_ids": [7] * 1200, "sampling_params": {"max_new_tokens": 4}}
     async with harness(a, b) as h:
@@ -206,7 +207,8 @@ async def test_gyges_policy_keeps_long_requests_on_one_host():
         await asyncio.gather(longs(), shorts())
         _, agg = await get_json(h.session, h.url + "/gyges/status")
     routed = sorted((w["routed_long"], w["routed_short"]) for w in agg["workers"])
-    (long_other, short_other), (long_host, _) = routed
+    (long_other, short_other), (long_host, short_host) = routed
     assert (long_host, long_other) == (3, 0)
-    assert short_other >= 9  # the other host kept serving short ones
+    # Load first: while a long request is in flight there, the other host takes more shorts.
+    assert short_other >= short_host
     assert agg["totals"]["routed_long"] == 3 and agg["totals"]["routed_short"] == 12

@@ -168,8 +168,9 @@ def test_equal_merge_cost_prefers_a_host_that_took_long_requests_lately():
 
 
 def test_long_requests_join_a_merge_under_way():
-    # The router sent long requests to a; its snapshot does not show the merge yet.
-    b = view("b", tp1_host(4))
+    # The router sent long requests to a; its snapshot does not show the merge yet. b is as
+    # loaded (load comes first; see test_load_comes_first).
+    b = view("b", tp1_host(4), outstanding_requests=1)
     a = view("a", tp1_host(4), outstanding_long_tokens=2500, outstanding_requests=1)
     p = place_gyges(1200, [b, a])  # 2500 + 1200 fit the TP4 instance being formed
     assert (p.worker_id, p.reason) == ("a", "merge-underway-tp4")
@@ -177,12 +178,45 @@ def test_long_requests_join_a_merge_under_way():
     assert (p.worker_id, p.reason) == ("b", "merge-tp2-cost0")
     # Two long requests never share a TP2 instance; on a dp2 host the only group is taken.
     a2 = view("a", tp1_host(2), outstanding_long_tokens=1200, outstanding_requests=1)
-    assert place_gyges(1100, [a2, view("b", tp1_host(2))]).worker_id == "b"
+    b2 = view("b", tp1_host(2), outstanding_requests=1)
+    assert place_gyges(1100, [a2, b2]).worker_id == "b"
     # On a dp4 host the other group is free: equal cost, a is already transforming.
     a4 = view("a", tp1_host(4), outstanding_long_tokens=1200, outstanding_requests=1)
     assert place_gyges(1100, [b, a4]).worker_id == "a"
     # Short requests avoid the group being merged.
-    assert place_gyges(100, [a2, view("b", tp1_host(2, used=(300, 300)))]).worker_id == "b"
+    busy_b = view("b", tp1_host(2, used=(300, 300)), outstanding_requests=1)
+    assert place_gyges(100, [a2, busy_b]).worker_id == "b"
+
+
+def test_load_comes_first():
+    """Fewest outstanding requests first, for short and long requests alike: gathering long
+    requests where a merged instance has room queued their prefills (found with gyges.sim)."""
+    merged = host(inst((0, 1), used=300), inst((2,)), inst((3,)))
+    a = view("a", merged, outstanding_requests=3)
+    b = view("b", tp1_host(4), outstanding_requests=1)
+    assert place_gyges(1500, [a, b]).reason == "merge-tp2-cost0"
+    assert place_gyges(1500, [a, b]).worker_id == "b"
+    assert place_gyges(100, [a, b]).worker_id == "b"
+    # Equal load: the merged room wins again, and among shorts the fewest outstanding tokens.
+    a = view("a", merged, outstanding_requests=1)
+    assert place_gyges(1500, [b, a]).worker_id == "a"
+    light = view("b", tp1_host(4), outstanding_requests=1, outstanding_tokens=10)
+    heavy = view("a", tp1_host(4), outstanding_requests=1, outstanding_tokens=900)
+    assert place_gyges(100, [heavy, light]).worker_id == "b"
+    # A host that cannot take the request stays last whatever its load.
+    small = view("s", tp1_host(2, max_req=1000))
+    big = view("g", tp1_host(4), outstanding_requests=9)
+    assert place_gyges(1500, [small, big]).worker_id == "g"
+
+
+def test_busy_merged_instance_does_not_draw_more_long_requests():
+    """A merged instance serving as many requests as it has ranks would queue a new long
+    prefill behind theirs: a fresh merge is preferred, on the same host if it can."""
+    busy = host(inst((0, 1), used=300, running=2), inst((2,)), inst((3,)))
+    p = place_gyges(1500, [view("a", busy)])
+    assert (p.worker_id, p.reason) == ("a", "merge-tp2-cost0")
+    one = host(inst((0, 1), used=300, running=1), inst((2,)), inst((3,)))
+    assert place_gyges(1500, [view("a", one)]).reason == "merged-room"
 
 
 def test_too_large_for_every_host_goes_to_the_largest():
@@ -234,15 +268,20 @@ def topologies(draw):
     st.lists(topologies(), min_size=1, max_size=4),
     st.integers(1, 9000),
     st.lists(st.integers(0, 3000), min_size=4, max_size=4),
+    st.lists(st.integers(0, 3), min_size=4, max_size=4),
 )
-def test_gyges_placement_properties(statuses, need, loads):
-    hosts = [view(str(i), s, outstanding_long_tokens=loads[i]) for i, s in enumerate(statuses)]
+def test_gyges_placement_properties(statuses, need, loads, queued):
+    hosts = [view(str(i), s, outstanding_long_tokens=loads[i], outstanding_requests=queued[i])
+             for i, s in enumerate(statuses)]
     p = place_gyges(need, hosts)
     chosen = statuses[int(p.worker_id)]
     assert p.long == is_long(need, chosen)
     assert p == place_gyges(need, hosts)  # deterministic
     fits = [s for s in statuses if need <= s.max_request_tokens]
-    if fits:  # never a host that cannot take it while another can
+    if fits:  # never a host that cannot take it while another can; the least loaded of them
         assert need <= chosen.max_request_tokens
+        fit_load = [queued[i] for i, s in enumerate(statuses) if need <= s.max_request_tokens]
+        assert queued[int(p.worker_id)] == min(fit_load)
     if p.reason == "merged-room":
-        assert any(i.tp > 1 and i.free_tokens >= need for i in chosen.instances)
+        assert any(i.tp > 1 and i.free_tokens >= need and i.running + i.waiting < i.tp
+                   for i in chosen.instances)

@@ -82,7 +82,16 @@ def test_baselines_and_peers_also_merge_for_the_long_request():
         assert not any(r.failed for r in run.requests), policy
 
 
-def test_router_gathers_long_requests_across_hosts():
-    trace = [TraceRequest(i * 0.1, 49_000, 20) for i in range(2)]
-    run = run_policy("gyges", trace, setup(hosts=2, gpus=4))  # room for two TP2s
+def test_router_spreads_concurrent_long_requests_and_gathers_sequential_ones():
+    """Load first: two long requests at once go one per host (each merges); one after the
+    other (the first finished) they go to the same host, the one that took long requests
+    lately."""
+    together = [TraceRequest(i * 0.1, 49_000, 20) for i in range(2)]
+    run = run_policy("gyges", together, setup(hosts=2, gpus=4))  # room for two TP2s
+    assert {rec.host for rec in run.records if rec.op == "merge"} == {0, 1}
+    first = run_policy("gyges", together[:1], setup(hosts=2, gpus=4))
+    done = max(r.finish for r in first.requests)
+    apart = [TraceRequest(0.0, 49_000, 20), TraceRequest(done + 1.0, 49_000, 20)]
+    run = run_policy("gyges", apart, setup(hosts=2, gpus=4))
+    assert all(not r.failed for r in run.requests)
     assert {rec.host for rec in run.records if rec.op == "merge"} == {0}
