@@ -33,6 +33,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import usable  # noqa: E402
 from replay import replay, summarize  # noqa: E402
 from traces import cap_need, scale, synthetic_long_tail  # noqa: E402
 
@@ -167,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
     a = parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    usable = a.max_total_tokens - 8
+    replica = usable(a.max_total_tokens)
     raw = synthetic_long_tail(a.num_requests, seed=a.seed)
     trace = cap_need(scale(raw, time_scale=a.time_scale, length_scale=a.length_scale,
-                           max_requests=a.num_requests), 2 * usable)
-    n_long = sum(r.input_len + r.output_len > usable for r in trace)
+                           max_requests=a.num_requests), 2 * replica)
+    n_long = sum(r.input_len + r.output_len > replica for r in trace)
     runs_to_do = [(p, p, ROOT / "python") for p in a.policies.split(",") if p]
     if a.prev_router is not None:
         runs_to_do.append(("gyges@prev", "gyges", a.prev_router.resolve()))
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"replica, host scheduler policy gyges, hold-down {a.split_hold_down:g} s)",
             "trace": f"synthetic_long_tail(n={a.num_requests}, seed={a.seed}), time "
                      f"x{a.time_scale:g}, lengths x{a.length_scale:g}; {n_long} need more than "
-                     f"one replica ({usable} slots); {trace[-1].arrival_s:.0f} s of arrivals",
+                     f"one replica ({replica} slots); {trace[-1].arrival_s:.0f} s of arrivals",
             "SLOs": f"TTFT <= {a.slo_ttft_ms:g} ms, TPOT <= {a.slo_tpot_ms:g} ms"}
     (a.out / "router_compare.json").write_text(json.dumps({"meta": meta, "runs": runs},
                                                           indent=1))

@@ -10,8 +10,8 @@ Gyges policy, per request (see docs/router.md):
   * a request is *long* on a host when need > the host's TP1 instance capacity;
   * load first: the host with the fewest requests outstanding from this router (the
     least-load order), so prefills spread over the fleet;
-  * short: among equally loaded hosts, fewest outstanding tokens, then rotation (the reason
-    label still says whether TP1 capacity was free there);
+  * short: among equally loaded hosts, fewest outstanding tokens, then free TP1 capacity (as
+    below), then rotation;
   * long: among equally loaded hosts, a merged instance that has room and serves fewer
     requests than it has ranks, else a host where a merge is already under way for earlier
     long requests and the new one fits beside them, else the host whose cheapest aligned
@@ -21,7 +21,7 @@ Gyges policy, per request (see docs/router.md):
   * why load first, and why a busy merged instance does not draw more long requests: with
     gyges.sim, gathering long requests on few merged hosts queued their multi-second
     prefills behind each other (Llama-3-70B, Mooncake, 8 hosts of 8 H100: goodput 1.31
-    req/s against 2.40 for least-load; 2.59 with this order, docs/simulator.md).
+    req/s against 2.40 for least-load; 2.60 with this order, docs/simulator.md).
 """
 
 from __future__ import annotations
@@ -224,11 +224,9 @@ def place_gyges(need: int, hosts: Sequence[HostView], counter: int = 0) -> Place
     n, ranked = len(hosts), []
     for index, view in enumerate(hosts):
         key, long, reason = _gyges_key(need, view)
-        too_large = key[0] == 7  # never chosen while another host can take it
-        if long or key[0] == 6:
-            key = (too_large, view.outstanding_requests, *key)
-        else:
-            key = (too_large, view.outstanding_requests, view.outstanding_tokens, *key)
+        # Load first; a host too small for the request (class 7) stays last whatever its load.
+        tokens = 0 if long else view.outstanding_tokens
+        key = (key[0] == 7, view.outstanding_requests, tokens, *key)
         ranked.append((key, index if long else (index - counter) % n, index, long, reason))
     *_, index, long, reason = min(ranked)
     return Placement(hosts[index].worker_id, long, reason)
