@@ -44,8 +44,11 @@ def _bearer(key: str | None) -> dict[str, str]:
 
 @pytest.mark.parametrize("keys, admin, denied, status_key", [
     ((), ADMIN, (None, USER, "wrong"), USER),  # the shared server: both keys
-    (("--admin-api-key", ADMIN), ADMIN, (None, USER, "wrong"), None),
-    (("--api-key", USER), USER, (None, ADMIN, "wrong"), USER),
+    # one key alone: a server each (slow tier)
+    pytest.param(("--admin-api-key", ADMIN), ADMIN, (None, USER, "wrong"), None,
+                 marks=pytest.mark.slow),
+    pytest.param(("--api-key", USER), USER, (None, ADMIN, "wrong"), USER,
+                 marks=pytest.mark.slow),
 ], ids=["both", "admin-only", "api-only"])
 def test_admin_routes_follow_sglang_admin_optional(both_keys, keys, admin, denied,
                                                    status_key):

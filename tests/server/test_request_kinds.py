@@ -59,12 +59,24 @@ KINDS: dict[str, dict] = {
                           "token_ids_logprob": [5, 17],
                           "sampling_params": {"stop": ["zzzz q"]}},
 }
-# OPEN BUG (issue 13): the presence-penalty stream diverged from stock once in its merged
-# window (token 114 of 500) while frequency, repetition and the others stayed exact; not
-# yet known whether the replayed state or a TP2 near-tie is the cause. It must still move.
-KNOWN_DIFFERENT = {"presence"}
+# Penalties flatten the top of a tiny random model's distribution: a stream whose KV was
+# partly written at TP2 (another all-reduce rounding) can meet a near tie stock breaks the
+# other way (presence at token 114 of 500, frequency at 598 of 1000 in two runs). The
+# stock references of these kinds carry their top-2 logprobs; a first differing token is
+# accepted only where stock's own top-2 margin is below TIE_MARGIN. A penalty state that
+# moved wrong shifts logits by the penalty (0.4 and more), far above it.
+PENALTY_KINDS = {"frequency", "presence", "repetition"}
+TIE_MARGIN = 1e-3
 PROMPTS = [[(11 * i + 5 * j) % 300 + 5 for j in range(n)]
            for i, n in enumerate((9, 23, 14, 31, 7, 18, 26, 12, 20))]
+
+
+def _extra(kind: str) -> dict:
+    """The request body fields of ``kind``; penalty kinds also return their top-2 logprobs
+    (their first differing token, if any, is checked for a near tie)."""
+    if kind in PENALTY_KINDS:
+        return {**KINDS[kind], "return_logprob": True, "top_logprobs_num": 2}
+    return KINDS[kind]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +86,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def stock_outputs(model):
-    extras = list(KINDS.values())
+    extras = [_extra(k) for k in KINDS]
     with SGLangServer(model, extra_args=FLAGS) as stock:
         return [stream_generate(stock.url, p, NEW, extra=e)[-1]
                 for p, e in zip(PROMPTS, extras, strict=True)]
@@ -126,7 +138,7 @@ def test_every_request_kind_moves_across_merge_and_split(srv, stock_outputs):
     # pinned to alternate replicas: both serve every kind of request when the merge comes.
     # The long plain streams start first, the grammar ones (they end sooner, by their
     # grammar) last, so that all are still running at the merge.
-    extras = [{**e, "routed_dp_rank": i % 2} for i, e in enumerate(KINDS.values())]
+    extras = [{**_extra(k), "routed_dp_rank": i % 2} for i, k in enumerate(KINDS)]
     order = [*range(3, len(PROMPTS)), *range(3)]
     threads, got = [], {}
     for part in (order[:-3], order[-3:]):
@@ -145,20 +157,24 @@ def test_every_request_kind_moves_across_merge_and_split(srv, stock_outputs):
     assert r.json()["requests_moved"]["running"] >= 4, r.json()["requests_moved"]
     for t in threads:
         t.join(timeout=600)
-    wrong, known = [], []
+    wrong, ties = [], []
     for i, kind in enumerate(KINDS):
         assert len(got[i]) > after_split[i], f"{kind} ended before the split"
+        if kind in PENALTY_KINDS:
+            tie = _tie_at_first_difference(got[i][-1], stock_outputs[i])
+            if tie is not None:
+                ties.append(f"{kind}: {tie}")
+                continue
         try:
             _same(got[i][-1], stock_outputs[i], kind)
         except AssertionError as e:
             ours, theirs = got[i][-1]["output_ids"], stock_outputs[i]["output_ids"]
             first = next((j for j, (a, b) in enumerate(zip(ours, theirs, strict=False))
                           if a != b), None)
-            (known if kind in KNOWN_DIFFERENT else wrong).append(
-                f"{kind} (first differing token {first}): {str(e)[:200]}")
+            wrong.append(f"{kind} (first differing token {first}): {str(e)[:200]}")
     assert not wrong, wrong
-    if known:  # still moved (checked above); its divergence is an open bug, see KNOWN_DIFFERENT
-        print("known divergence:", known)
+    if ties:
+        print("near ties broken the other way:", ties)
     for i in range(3):
         assert got[i][-1]["meta_info"]["finish_reason"]["type"] == "stop", got[i][-1]
     notes = json.loads(got[0][-1]["text"])["notes"]
@@ -168,6 +184,22 @@ def test_every_request_kind_moves_across_merge_and_split(srv, stock_outputs):
     assert len(words) == 41
     items = got[2][-1]["text"].strip("[]").split(",")
     assert len(items) == 36 and all(len(x) == 30 and x.isalpha() for x in items), items
+
+
+def _tie_at_first_difference(got: dict, want: dict) -> str | None:
+    """Where ``got`` first differs from stock and stock's top-2 logprob margin there is below
+    TIE_MARGIN, say so; None if the outputs are equal. A difference where stock had a clear
+    winner fails the test."""
+    ours, theirs = got["output_ids"], want["output_ids"]
+    first = next((j for j, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                 None)
+    if first is None:
+        return None
+    top = want["meta_info"]["output_top_logprobs"][first]
+    margin = top[0][0] - top[1][0]
+    assert margin < TIE_MARGIN, (f"first differing token {first}: stock's top-2 margin "
+                                 f"{margin:.3g} is no tie", top)
+    return f"token {first} of {len(theirs)}, stock margin {margin:.2g}"
 
 
 def _generate(url: str, ids: list[int], rank: int | None = None, new: int = 4) -> dict:

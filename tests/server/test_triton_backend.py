@@ -10,6 +10,7 @@ import requests
 
 from gyges.testing.clients import start_streams, stream_generate, wait_for_more_chunks
 from gyges.testing.server import SGLangServer, tiny_model
+from gyges.testing.tiers import ci_subset
 
 PROMPTS = [[(17 * i + 5 * j) % 400 + 5 for j in range(n)] for i, n in enumerate((7, 19, 33))]
 NEW_TOKENS = 40
@@ -27,7 +28,8 @@ def _interpreted(srv: SGLangServer) -> SGLangServer:
     return srv
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# CI: the GQA case (head_dim not a power of two); page 16 is the slow tier (2 min each)
+@pytest.mark.parametrize("case", ci_subset(CASES, ["gqa-head-dim-24-page1"]))
 def test_triton_backend_merge_and_split_equal_stock(case):
     fields, args = CASES[case]
     model = tiny_model(arch="llama", **fields)
