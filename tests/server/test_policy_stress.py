@@ -27,11 +27,28 @@ def workload() -> list[list[int]]:
     return [[rng.randrange(5, 1000) for _ in range(n)] for n in lengths]
 
 
-def generate(url: str, ids: list[int]) -> tuple[int, list[int]]:
-    r = requests.post(url + "/generate", timeout=600, json={
+def generate(url: str, ids: list[int], timeout_s: float = 600) -> tuple[int, list[int]]:
+    r = requests.post(url + "/generate", timeout=timeout_s, json={
         "input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": NEW_TOKENS,
                                               "ignore_eos": True}})
     return r.status_code, r.json().get("output_ids", []) if r.ok else [r.text]
+
+
+def _generate_or_timeout(url: str, ids: list[int]) -> tuple[int, list]:
+    try:
+        return generate(url, ids, timeout_s=240)
+    except requests.Timeout:
+        return 0, ["no answer within 240 s"]
+
+
+def _state(url: str) -> dict:
+    """What the host's scheduler and instances show now (for a failure message)."""
+    st = requests.get(url + "/gyges/status", timeout=30).json()
+    sch = st.get("scheduler", {})
+    return {"instances": st.get("instances"), "pending": sch.get("pending"),
+            "reserved": sch.get("reserved"), "job": sch.get("job"),
+            "decisions": sch.get("decisions", [])[-10:],
+            "transformation": st.get("transformation")}
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +74,14 @@ def dp4(reference):
 def test_concurrent_mix_matches_stock_with_bounded_merges(dp4, prompts, reference):
     t0 = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda p: generate(dp4.url, p), prompts))
+        results = list(pool.map(lambda p: _generate_or_timeout(dp4.url, p), prompts))
     elapsed = time.monotonic() - t0
     codes = [c for c, _ in results]
-    assert codes == [200] * len(prompts), [r for r in results if r[0] != 200][:3]
+    # OPEN BUG (seen once, 2026-12-03 CI run): right after a split of TP4 into two TP2s the
+    # host served nothing for 600 s (the moved requests and new ones alike) until the
+    # clients' aborts arrived. A stall now fails after 240 s with the host's state.
+    assert codes == [200] * len(prompts), (
+        [r for r in results if r[0] != 200][:3], _state(dp4.url))
     wrong = [i for i, ((_, out), ref) in enumerate(zip(results, reference, strict=True))
              if out != ref]
     assert not wrong, f"{len(wrong)} outputs differ from stock, e.g. prompt {wrong[0]}"
