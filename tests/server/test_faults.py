@@ -21,6 +21,7 @@ import requests
 
 from gyges.testing.clients import stream_generate
 from gyges.testing.server import SGLangServer, tiny_model
+from gyges.testing.tiers import ci_subset
 from gyges.testing.tiny_model import LLAMA_GQA
 
 PROMPTS = [[(7 * i + 13 * j) % 300 + 5 for j in range(n)] for i, n in
@@ -114,12 +115,11 @@ FATAL = [
     ("merge:kv_move:1:kill", None),
 ]
 # CI: a killed member in the KV move and a failed split; the others are the slow tier
-FATAL_CI = {"merge:kv_move:1:kill", "split:weight_restore:1"}
+FATAL_CI = [("merge:kv_move:1:kill", None), ("split:weight_restore:1", "merge")]
 
 
-@pytest.mark.parametrize("fault, before", [
-    c if c[0] in FATAL_CI else pytest.param(*c, marks=pytest.mark.slow) for c in FATAL],
-    ids=[f for f, _ in FATAL])
+@pytest.mark.parametrize("fault, before", ci_subset(FATAL, FATAL_CI),
+                         ids=[f for f, _ in FATAL])
 def test_faults_after_commit_take_the_host_out(reference, fault, before):
     op = fault.split(":")[0]
     with _server(fault) as srv:

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from gyges.testing.server import SGLangServer, tiny_model
+from gyges.testing.tiers import ci_subset
 
 MODELS = {
     "llama": dict(arch="llama", heads=8, kv_heads=8, head_dim=16),   # MHA, 8 KV heads
@@ -66,9 +67,8 @@ def stock_outputs():
 
 
 # CI: llama at page 1 and qwen3 at page 16; the other four pairs are the slow tier
-@pytest.mark.parametrize("arch, page_size", [
-    c if c in {("llama", 1), ("qwen3", 16)} else pytest.param(*c, marks=pytest.mark.slow)
-    for c in [(a, p) for p in (1, 16) for a in MODELS]],
+@pytest.mark.parametrize("arch, page_size", ci_subset(
+    [(a, p) for p in (1, 16) for a in MODELS], [("llama", 1), ("qwen3", 16)]),
     ids=[f"{a}-{p}" for p in (1, 16) for a in MODELS])
 def test_head_major_padded_matches_stock(arch, page_size, stock_outputs, record_property):
     expected = stock_outputs(arch)

@@ -15,6 +15,7 @@ import requests
 
 from gyges.testing.clients import start_streams, stream_generate
 from gyges.testing.server import SGLangServer, tiny_model
+from gyges.testing.tiers import ci_subset
 from gyges.testing.tiny_model import LLAMA_GQA
 
 USER, ADMIN = "user-key", "admin-key"
@@ -42,14 +43,17 @@ def _bearer(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-@pytest.mark.parametrize("keys, admin, denied, status_key", [
+KEY_CASES = [
     ((), ADMIN, (None, USER, "wrong"), USER),  # the shared server: both keys
-    # one key alone: a server each (slow tier)
-    pytest.param(("--admin-api-key", ADMIN), ADMIN, (None, USER, "wrong"), None,
-                 marks=pytest.mark.slow),
-    pytest.param(("--api-key", USER), USER, (None, ADMIN, "wrong"), USER,
-                 marks=pytest.mark.slow),
-], ids=["both", "admin-only", "api-only"])
+    (("--admin-api-key", ADMIN), ADMIN, (None, USER, "wrong"), None),
+    (("--api-key", USER), USER, (None, ADMIN, "wrong"), USER),
+]
+
+
+# CI: the shared server; one key alone needs a server each (slow tier)
+@pytest.mark.parametrize("keys, admin, denied, status_key",
+                         ci_subset(KEY_CASES, KEY_CASES[:1]),
+                         ids=["both", "admin-only", "api-only"])
 def test_admin_routes_follow_sglang_admin_optional(both_keys, keys, admin, denied,
                                                    status_key):
     if not keys:

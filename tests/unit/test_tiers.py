@@ -17,3 +17,9 @@ def test_cases_outside_ci_are_marked_slow():
 def test_a_ci_case_that_is_not_there_is_an_error():
     with pytest.raises(ValueError, match="renamed"):
         ci_subset(["a"], ["renamed"])
+
+
+def test_tuple_cases_become_multi_argument_params():
+    out = ci_subset([("a", 1), ("b", 2)], [("b", 2)])
+    assert out[1] == ("b", 2)
+    assert out[0].values == ("a", 1) and out[0].marks[0].name == "slow"
