@@ -108,3 +108,26 @@ def test_over_full_merge_is_refused_and_streams_finish_exactly(both_keys):
         assert got[i][-1]["meta_info"]["finish_reason"]["type"] == "length"
     st = requests.get(url + "/gyges/status", headers=user, timeout=30).json()
     assert [i["tp"] for i in st["instances"]] == [1, 1] and not st["out_of_service"]
+
+
+def test_split_that_would_strand_a_request_is_refused(both_keys):
+    """A request running on TP2 whose prompt + max_new_tokens exceeds one replica: the split
+    is refused (409, its request named) instead of leaving it to a half that would have to
+    retract and recompute it, or hold it forever; it finishes, then the split goes through."""
+    url, admin = both_keys.url, _bearer(ADMIN)
+    r = requests.post(url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120,
+                      headers=admin)
+    assert r.status_code == 200, r.text
+    prompt = [(7 * j) % 300 + 5 for j in range(3800)]  # 3800 + 400 > 4088 usable of TP1
+    ref = stream_generate(url, prompt, NEW, headers=_bearer(USER))[-1]["output_ids"]
+    threads, got = start_streams(url, [prompt], NEW, min_chunks=2, headers=_bearer(USER))
+    r = requests.post(url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120,
+                      headers=admin)
+    threads[0].join(timeout=300)
+    assert r.status_code == 409, r.text
+    assert "needs 4200 KV slots" in r.json()["error"], r.text
+    assert "a TP1 half holds" in r.json()["error"], r.text
+    assert got[0][-1]["output_ids"] == ref
+    r = requests.post(url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120,
+                      headers=admin)
+    assert r.status_code == 200, r.text

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from gyges.core.request_limits import request_need, usable_tokens
+
 _CAPACITY_COPIES = ("pool_stats_observer", "invariant_checker", "load_inquirer",
                     "kv_events_publisher")
 
@@ -91,3 +93,20 @@ def set_free_pages(scheduler: Any, used_slots: torch.Tensor) -> None:
         alloc.staged_pages, alloc.num_staged_pages = [], 0
     if hasattr(alloc, "free_page_ids_group"):
         alloc.free_page_ids_group = []
+
+
+def oversized(scheduler: Any, k: int) -> str | None:
+    """Why an instance of degree ``k`` (a split's half) could not serve every running and
+    waiting request of this scheduler to its end unclipped (None: it can). Such a request
+    would wait forever in the half's queue (SGLang's admission declines it at every step)
+    or be retracted and recomputed there."""
+    s = scheduler
+    pool = pool_of(s)
+    room = usable_tokens(capacity_at(pool, k), int(pool.page_size))
+    for req in (*s.running_batch.reqs, *s.waiting_queue):
+        need = request_need(len(req.origin_input_ids),
+                            getattr(req.sampling_params, "max_new_tokens", None))
+        if need > room:
+            return (f"request {req.rid} needs {need} KV slots (prompt + max_new_tokens); "
+                    f"a TP{k} half holds {room}")
+    return None

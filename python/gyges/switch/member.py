@@ -56,6 +56,7 @@ from gyges.switch.protocol import (
     inject,
     vote,
 )
+from gyges.switch.stall_watch import StallWatch
 
 logger = logging.getLogger(__name__)
 RELAY_TAKE_TIMEOUT_S = 10.0
@@ -87,6 +88,7 @@ class GroupMember:
         self.failed: str | None = None  # set by a failure after commit; the rank is done
         self.precopy: precopy_mod.PreCopy | None = None
         self.precopy_broken: dict[tuple[int, ...], str] = {}  # side groups not to use again
+        self.stall_watch = StallWatch(self.rank)
         commands.handlers.update(idle=self.on_idle, merge=self.on_merge, split=self.on_split,
                                  precopy=self.on_precopy,
                                  precopy_status=self.on_precopy_status,
@@ -95,6 +97,7 @@ class GroupMember:
     # -- per event-loop iteration ---------------------------------------------------------
 
     def poll(self) -> None:
+        self.stall_watch.observe(self.s)
         group = self.group
         if self.failed is not None:
             self._out_of_service()
@@ -135,9 +138,12 @@ class GroupMember:
         return bool(s.is_fully_idle()) and not s.waiting_queue and not self._unread()
 
     def _unread(self) -> bool:
-        """Requests the DP controller sent that this TP1 rank has not read yet."""
+        """Requests the DP controller sent that this rank (a TP1 or a merged instance's
+        leader: followers read nothing) has not read yet. A split must not leave them to
+        whichever half the leader lands in."""
         sock = getattr(self.s, "recv_from_tokenizer", None)
-        return sock is not None and self.group is None and bool(sock.poll(0))
+        reads = self.group is None or self.group.rank_in_group == 0
+        return sock is not None and reads and bool(sock.poll(0))
 
     def not_ready(self) -> str | None:
         """Why this rank cannot take part in a transformation right now (None: ready)."""
@@ -172,6 +178,10 @@ class GroupMember:
             if op == "merge" and k_old != k // 2:
                 return Ballot(False, f"rank {self.rank} is in a TP{k_old} instance, not a "
                               f"half of TP{k}")
+            if op == "split":
+                why = capacity.oversized(s, k // 2)
+                if why:
+                    return Ballot(False, f"rank {self.rank}: {why}")
             if op == "merge":
                 model_switch.check_reshardable(s.tp_worker.model_runner.model, k,
                                                self.pool.max_tp, already=k_old > 1)
