@@ -63,6 +63,38 @@ def test_replay_equals_each_requests_own_step_by_step_state():
         assert torch.equal(got[i:i + 1], want), f"request {i}"
 
 
+def test_captured_rows_move_whatever_history_made_them():
+    """Under SGLang's overlap scheduler the state is not a function of the outputs (the
+    first decode cumulates the prompt's last token, a token can be cumulated twice): the
+    rows captured from the old batch, restored into a rebuilt batch in another order and
+    beside a request that was not there, give the old batch's penalized logits."""
+    rng = random.Random(7)
+    reqs = [_req(rng, 30, frequency_penalty=0.7),
+            _req(rng, 12, repetition_penalty=1.3, presence_penalty=0.4),
+            _req(rng, 5, min_new_tokens=20)]
+    old_batch, old = _orchestrator(reqs)
+    for step in range(40):  # an arbitrary history, as an overlapped schedule makes one
+        old.cumulate_output_tokens(torch.tensor([rng.randrange(VOCAB) for _ in reqs]))
+        if step % 7 == 0:
+            old.cumulate_output_tokens(torch.tensor([r.origin_input_ids[-1] for r in reqs]))
+    logits = torch.randn(len(reqs), VOCAB)
+    want = logits.clone()
+    old.apply(want)
+    assert request_state.capture_penalties(old_batch) == len(reqs)
+    blob = pickle.dumps([r.gyges_penalty_rows for r in reqs])
+    for r, rows in zip(reqs, pickle.loads(blob), strict=True):  # they cross processes
+        r.gyges_penalty_rows = rows
+    newcomer = _req(rng, 3, frequency_penalty=0.2)
+    order = [2, 0, 1]
+    new_batch, new = _orchestrator([newcomer, *[reqs[i] for i in order]])
+    request_state.replay_penalties(new_batch)
+    assert request_state.restore_penalties(new_batch) > 0
+    got = torch.cat([torch.zeros(1, VOCAB), logits[order]])
+    new.apply(got)
+    assert torch.equal(got[1:], want[order])
+    assert all(getattr(r, request_state.PENALTY_ROWS) is None for r in reqs)
+
+
 def test_replay_is_a_no_op_without_penalties():
     rng = random.Random(1)
     batch, _ = _orchestrator([_req(rng, 9), _req(rng, 3)])
@@ -93,3 +125,27 @@ def test_detached_request_pickles_and_gets_its_references_back():
     assert back.sampling_params.custom_params["__req__"].output_ids == [5, 6]
     assert back.sampling_params.custom_params["banned"] == [1]
     del _req_keep
+
+
+def test_deferred_lag_makes_the_next_cumulation_stock_overlaps():
+    """The settled request's next cumulation uses its noted lag token (once); a request
+    without one cumulates its newest output as SGLang would."""
+    rng = random.Random(11)
+    settled, other = _req(rng, 6, frequency_penalty=0.5), _req(rng, 4, frequency_penalty=0.5)
+    request_state.note_penalty_lag([settled])  # before its in-flight token is appended
+    lag = settled.output_ids[-1]
+    settled.output_ids.append(rng.randrange(VOCAB))
+    batch, orch = _orchestrator([other, settled])
+    assert request_state.defer_penalty_lag(batch) == 1
+    newest = torch.tensor([r.output_ids[-1] for r in batch.reqs])
+    orch.cumulate_output_tokens(newest)
+    orch.cumulate_output_tokens(newest)  # the second one is SGLang's own again
+    want_batch, want = _orchestrator([other, settled])
+    want.cumulate_output_tokens(torch.tensor([other.output_ids[-1], lag]))
+    want.cumulate_output_tokens(newest)
+    logits = torch.randn(2, VOCAB)
+    got, expected = logits.clone(), logits.clone()
+    orch.apply(got)
+    want.apply(expected)
+    assert torch.equal(got, expected)
+    assert getattr(settled, request_state.PENALTY_LAG) is None

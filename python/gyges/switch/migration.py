@@ -94,11 +94,14 @@ def settle(s: Any) -> None:
     sampled but its result is still queued when commands are read: processing it here (as
     the loop's ``pop_and_process`` would) appends its tokens and finishes its requests, so
     the moved work is that of a settled step. ``last_batch`` is cleared, so the loop does
-    not pop again; serving resumes overlapped with the next step.
+    not pop again; serving resumes overlapped with the next step. The penalizers' rows are
+    captured with the token the next step would have cumulated for the requests of the
+    step settled here (:mod:`gyges.switch.request_state`).
     """
     queue = getattr(s, "result_queue", None)
     while queue:
         batch, result = queue.popleft()
+        request_state.note_penalty_lag(batch.reqs)
         s.process_batch_result(batch, result)
         logger.info("Gyges: settled the overlapped step in flight (%d requests)",
                     len(batch.reqs))
@@ -112,6 +115,7 @@ def settle(s: Any) -> None:
                 s.running_batch.merge_batch(lb)
     s.running_batch.filter_batch()
     s.last_batch = None
+    request_state.capture_penalties(s.running_batch)
 
 
 def export_work(s: Any, slot_offset: int = 0) -> Work:
@@ -233,6 +237,8 @@ def install_work(s: Any, works: Sequence[Work]) -> dict[str, int]:
     s.running_batch = _decode_batch(s, running)
     s.last_batch = None
     request_state.replay_penalties(s.running_batch)
+    request_state.restore_penalties(s.running_batch)
+    request_state.defer_penalty_lag(s.running_batch)
     return {"running": len(running), "waiting": len(waiting), "prefix_tokens_shared": shared,
             "prefix_tokens_cached": restored}
 

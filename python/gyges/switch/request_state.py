@@ -13,9 +13,19 @@ output so far). Three things do not, and are rebuilt by the scheduler that insta
   ``custom_params["__req__"]``, a weak proxy): dropped and set again on the receiver.
 - **the penalizers' accumulated state** (frequency, presence and repetition penalties,
   ``min_new_tokens``): it lives in the batch, and every transformation rebuilds the
-  batch. :func:`replay_penalties` feeds each request's output tokens through SGLang's own
-  penalizers again, in the order and with the arithmetic a decode step uses, so the
-  state is bit-identical to the one the old batch held.
+  batch. :func:`capture_penalties` copies each running request's rows of the old batch's
+  penalizers onto the request (they pickle with it) and :func:`restore_penalties` writes
+  them into the new batch. A copy, not a recomputation: under SGLang's overlap scheduler
+  a decode step cumulates the newest token *processed* when it is prepared, which lags the
+  sampled tokens by one step or not depending on the schedule (the first decode even
+  cumulates the prompt's last token), so the state is not a function of the output
+  tokens. :func:`replay_penalties` (the non-overlap arithmetic) remains for rows with
+  nothing captured. The settle before a transformation processes the overlapped step in
+  flight, one step earlier than SGLang's loop would: for its requests the next decode
+  would have cumulated the token before the one it just appended (the prompt's last
+  token after a prefill). :func:`note_penalty_lag` remembers that token and
+  :func:`defer_penalty_lag` makes the installed batch's next cumulation use it, so the
+  state goes on as on the old scheduler (a schedule stock SGLang itself runs).
 """
 from __future__ import annotations
 
@@ -114,3 +124,95 @@ def _row_state(penalizer: Any, rows: int) -> list[tuple[str, torch.Tensor]]:
     """The per-request tensors of a penalizer (first dimension = batch rows)."""
     return [(name, v) for name, v in vars(penalizer).items()
             if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows]
+
+
+PENALTY_ROWS = "gyges_penalty_rows"
+
+
+def capture_penalties(batch: Any) -> int:
+    """Store each request's rows of ``batch``'s prepared penalizers on the request (CPU
+    copies, keyed ``Class.attribute``). Returns the number of requests with rows."""
+    info = getattr(batch, "sampling_info", None)
+    orch = getattr(info, "penalizer_orchestrator", None)
+    reqs = list(getattr(batch, "reqs", None) or [])
+    for req in reqs:
+        setattr(req, PENALTY_ROWS, None)
+    if orch is None or not reqs:
+        return 0
+    penalizers = [p for p in orch.penalizers.values() if p.is_prepared()]
+    if not penalizers:
+        return 0
+    states = [(type(p).__name__, name, value) for p in penalizers
+              for name, value in _row_state(p, len(reqs))]
+    for i, req in enumerate(reqs):
+        setattr(req, PENALTY_ROWS, {f"{cls}.{name}": value[i].detach().to("cpu").clone()
+                                    for cls, name, value in states})
+    return len(reqs)
+
+
+def restore_penalties(batch: Any) -> int:
+    """Write the rows :func:`capture_penalties` stored on ``batch``'s requests into its
+    penalizers (after :func:`replay_penalties`); the requests forget them. Returns the
+    number of rows restored."""
+    reqs = list(getattr(batch, "reqs", None) or [])
+    saved = [getattr(req, PENALTY_ROWS, None) for req in reqs]
+    for req in reqs:
+        setattr(req, PENALTY_ROWS, None)
+    info = getattr(batch, "sampling_info", None)
+    orch = getattr(info, "penalizer_orchestrator", None)
+    if orch is None or not any(saved):
+        return 0
+    restored = 0
+    for p in orch.penalizers.values():
+        if not p.is_prepared():
+            continue
+        for name, value in _row_state(p, len(reqs)):
+            key = f"{type(p).__name__}.{name}"
+            for i, rows in enumerate(saved):
+                row = rows.get(key) if rows else None
+                if row is None or row.shape != value[i].shape:
+                    continue
+                value[i] = row.to(value.device, value.dtype)
+                restored += 1
+    return restored
+
+
+PENALTY_LAG = "gyges_penalty_lag"
+
+
+def note_penalty_lag(reqs: list[Any]) -> None:
+    """Before the overlapped step in flight is processed: the token SGLang's next prepare
+    would cumulate for each of its requests (the newest processed output, else the
+    prompt's last token)."""
+    for req in reqs:
+        out = req.output_ids
+        setattr(req, PENALTY_LAG, int(out[-1]) if len(out) else int(req.origin_input_ids[-1]))
+
+
+def defer_penalty_lag(batch: Any) -> int:
+    """Make the next ``cumulate_output_tokens`` of ``batch``'s orchestrator cumulate each
+    request's noted lag token instead of its newest output (once; the requests forget
+    it). Returns how many requests have one."""
+    reqs = list(getattr(batch, "reqs", None) or [])
+    lags = {id(r): getattr(r, PENALTY_LAG, None) for r in reqs}
+    for req in reqs:
+        setattr(req, PENALTY_LAG, None)
+    info = getattr(batch, "sampling_info", None)
+    orch = getattr(info, "penalizer_orchestrator", None)
+    n = sum(v is not None for v in lags.values())
+    if orch is None or not n or not orch.is_required:
+        return 0
+    original = orch.cumulate_output_tokens
+
+    def once(output_ids: torch.Tensor) -> Any:
+        del orch.cumulate_output_tokens  # back to the class's method
+        ids = output_ids.clone()
+        rows = (orch.batch or batch).reqs  # the orchestrator's batch, through merges
+        for i, req in enumerate(rows):
+            lag = lags.get(id(req))
+            if lag is not None and i < ids.numel():
+                ids[i] = lag
+        return original(ids)
+
+    orch.cumulate_output_tokens = once
+    return n
