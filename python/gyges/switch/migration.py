@@ -236,8 +236,8 @@ def install_work(s: Any, works: Sequence[Work]) -> dict[str, int]:
     s.waiting_queue = waiting
     s.running_batch = _decode_batch(s, running)
     s.last_batch = None
-    request_state.replay_penalties(s.running_batch)
-    request_state.restore_penalties(s.running_batch)
+    if not request_state.restore_penalties(s.running_batch):  # copied rows, else replay
+        request_state.replay_penalties(s.running_batch)
     request_state.defer_penalty_lag(s.running_batch)
     return {"running": len(running), "waiting": len(waiting), "prefix_tokens_shared": shared,
             "prefix_tokens_cached": restored}

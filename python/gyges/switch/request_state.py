@@ -19,8 +19,8 @@ output so far). Three things do not, and are rebuilt by the scheduler that insta
   a decode step cumulates the newest token *processed* when it is prepared, which lags the
   sampled tokens by one step or not depending on the schedule (the first decode even
   cumulates the prompt's last token), so the state is not a function of the output
-  tokens. :func:`replay_penalties` (the non-overlap arithmetic) remains for rows with
-  nothing captured. The settle before a transformation processes the overlapped step in
+  tokens. :func:`replay_penalties` (the non-overlap arithmetic) remains for a batch
+  with nothing captured. The settle before a transformation processes the overlapped step in
   flight, one step earlier than SGLang's loop would: for its requests the next decode
   would have cumulated the token before the one it just appended (the prompt's last
   token after a prefill). :func:`note_penalty_lag` remembers that token and
@@ -152,8 +152,9 @@ def capture_penalties(batch: Any) -> int:
 
 def restore_penalties(batch: Any) -> int:
     """Write the rows :func:`capture_penalties` stored on ``batch``'s requests into its
-    penalizers (after :func:`replay_penalties`); the requests forget them. Returns the
-    number of rows restored."""
+    penalizers; the requests forget them. Returns the number of rows restored (0: nothing
+    was captured, the caller replays instead). A request without rows had no penalty its
+    old batch prepared, so its row in a penalizer prepared here has no effect."""
     reqs = list(getattr(batch, "reqs", None) or [])
     saved = [getattr(req, PENALTY_ROWS, None) for req in reqs]
     for req in reqs:

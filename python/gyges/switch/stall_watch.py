@@ -27,7 +27,7 @@ class StallWatch:
     def observe(self, s: Any, now: float | None = None) -> dict[str, Any] | None:
         """Feed one iteration; returns the diagnosis when a stall is first reported."""
         now = time.monotonic() if now is None else now
-        waiting = list(getattr(s, "waiting_queue", []) or [])
+        waiting = getattr(s, "waiting_queue", None) or ()  # read, never copied: hot path
         running = getattr(getattr(s, "running_batch", None), "reqs", None) or []
         if not waiting or running:
             self._head, self._reported = None, False
