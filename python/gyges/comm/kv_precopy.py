@@ -160,14 +160,15 @@ def apply_staged(staged: StagedKV, buffers: Sequence[torch.Tensor],
                 sel = keep[staged.segment_slots[p]]
                 pos = torch.nonzero(sel).flatten() if not bool(sel.all()) else None
                 flat = rnd.recv[offset + rnd.header_words : offset + n]
-                for view, buf, idx in kvt._walk(flat, [index], rows):
-                    if pos is None:
-                        buf.index_copy_(0, idx, view)
-                        written += view.numel() * view.element_size()
+                dst = index if pos is None else index.index_select(0, pos)
+                runs = kvt.row_runs(dst, pos)  # same for every buffer of the round
+                for view, buf, _ in kvt._walk(flat, [index], rows):
+                    if pos is None or runs is not None:
+                        kvt.scatter_rows(buf, dst, view, runs)
+                        written += dst.numel() * view.shape[1] * view.element_size()
                     elif pos.numel():
-                        part = view.index_select(0, pos)
-                        buf.index_copy_(0, idx.index_select(0, pos), part)
-                        written += part.numel() * part.element_size()
+                        buf.index_copy_(0, dst, view.index_select(0, pos))
+                        written += dst.numel() * view.shape[1] * view.element_size()
             offset += n
     return written
 
