@@ -21,6 +21,18 @@ Per KV size, from every stream's chunk arrival times:
 Each size runs the same streams twice on one server: stop-the-world (``"precopy": false``
 in the merge/split body: the whole KV moves inside the switch) and overlapped (the default:
 the KV is pre-copied while the members serve and the switch moves only what changed).
+From the members' own clocks (``clock_s`` in each member's reply: when it stopped serving
+and when it was done, on the host's monotonic clock, comparable with the client's
+``time.perf_counter``):
+
+- pause: first member stopped to last member done, the server side of the stall
+  (``pause_steps``: in typical gaps);
+- the worst gap cut into before / switch / after (the first steps of the new
+  configuration, under the overlap scheduler two of them, and the token's way to the
+  client).
+
+Per phase, the slowest member's ``phases_ms`` (where the switch goes).
+
 Issue 14's goals: stall ratio <= 3; cutover within 1.5x between the two sizes.
 
 The second size should be 4x the first (the defaults: 525 and 2100 prompt tokens, about
@@ -85,14 +97,33 @@ def _wait_chunks(times: list[list[float]], threads: list[threading.Thread], more
         time.sleep(0.02)
 
 
-def _worst_gap(times: list[list[float]], t0: float, t1: float) -> float:
-    """Largest gap between consecutive chunks of any stream whose interval meets [t0, t1]."""
-    worst = 0.0
+def _worst_gap(times: list[list[float]], t0: float, t1: float) -> tuple[float, float, float]:
+    """Largest gap between consecutive chunks of any stream whose interval meets [t0, t1]:
+    (seconds, its first chunk's time, its second's)."""
+    worst = (0.0, t0, t0)
     for ts in times:
         for a, b in pairwise(ts):
-            if b >= t0 and a <= t1:
-                worst = max(worst, b - a)
+            if b >= t0 and a <= t1 and b - a > worst[0]:
+                worst = (b - a, a, b)
     return worst
+
+
+def _gap_parts(gap: tuple[float, float, float], replies: list[dict]) -> dict[str, float]:
+    """The worst gap cut at the switch whose members' clocks it spans (the members report
+    when they stopped serving and when they were done, on the host's monotonic clock, as
+    ``time.perf_counter`` here): before it, the switch itself, after it (the first step of
+    the new configuration and the token's way to the client)."""
+    _, a, b = gap
+    for r in replies:
+        clocks = [m["clock_s"] for m in r["members"].values() if "clock_s" in m]
+        if not clocks:
+            continue
+        start, end = min(c["start"] for c in clocks), max(c["end"] for c in clocks)
+        if a <= end and b >= start:
+            return {"before_ms": round((start - a) * 1000, 1),
+                    "switch_ms": round((end - start) * 1000, 1),
+                    "after_ms": round((b - end) * 1000, 1)}
+    return {}
 
 
 def _gap_within(ts: list[float], spans: list[tuple[float, float]]) -> float | None:
@@ -119,6 +150,29 @@ def _typical_gap(ts: list[float], windows: list[tuple[float, float]]) -> float:
     if best[0] == 0:
         raise SystemExit("error: a stream has no tokens outside the transformations")
     return best[1] / best[0]
+
+
+def _phases(replies: list[dict]) -> dict[str, float]:
+    """Per cutover phase, the slowest member's ms, summed over the steps (where the cutover
+    goes: plan, exchange, KV, reshard, install, sync)."""
+    out: dict[str, float] = {}
+    for r in replies:
+        for name in {k for m in r["members"].values() for k in m.get("phases_ms", {})}:
+            slowest = max(m.get("phases_ms", {}).get(name, 0.0) for m in r["members"].values())
+            out[name] = round(out.get(name, 0.0) + slowest, 1)
+    return out
+
+
+def _pause_ms(replies: list[dict]) -> float:
+    """How long the group did not serve, from its members' clocks (the first member to stop
+    serving to the last to be done), summed over the steps: the server side of the stall,
+    without the token's way to the client."""
+    total = 0.0
+    for r in replies:
+        clocks = [m["clock_s"] for m in r["members"].values() if "clock_s" in m]
+        if clocks:
+            total += max(c["end"] for c in clocks) - min(c["start"] for c in clocks)
+    return round(total * 1000, 1)
 
 
 def _steps(dp: int, op: str) -> list[list[int]]:
@@ -173,7 +227,8 @@ def run_mode(url: str, dp: int, prompts: list[list[int]], new: int, precopy: boo
     median = statistics.median(_typical_gap(ts, list(windows.values())) for ts in times)
     out: dict = {"typical_gap_ms": round(median * 1000, 1)}
     for op, (t0, t1) in windows.items():
-        worst = _worst_gap(times, t0, t1)
+        gap = _worst_gap(times, t0, t1)
+        worst = gap[0]
         moved = [r["requests_moved"]["running"] for r in replies[op]]
         pre = [r.get("precopy", {}) for r in replies[op]]
         skipped = [p["skipped"] for p in pre if "skipped" in p]
@@ -187,7 +242,11 @@ def run_mode(url: str, dp: int, prompts: list[list[int]], new: int, precopy: boo
                                                for r in replies[op]), 1),
                    "cutover_kv_mib": round(sum(r["cutover_kv_bytes"] for r in replies[op])
                                            / 2**20, 2),
-                   "requests_moved": moved}
+                   "requests_moved": moved,
+                   "phases_ms": _phases(replies[op]),
+                   "worst_gap_parts": _gap_parts(gap, replies[op]),
+                   "pause_ms": _pause_ms(replies[op])}
+        out[op]["pause_steps"] = round(out[op]["pause_ms"] / (median * 1000), 2)
         if precopy:
             during = [_gap_within(ts, spans_of[op]) for ts in times]
             during = [g for g in during if g is not None]

@@ -63,16 +63,22 @@ RELAY_TAKE_TIMEOUT_S = 10.0
 
 
 class Phases:
-    """Elapsed milliseconds per named phase."""
+    """Elapsed milliseconds per named phase; ``started`` is the monotonic clock (system-wide
+    on Linux: comparable with a client's ``time.perf_counter()`` on the same host) when the
+    member took the command, i.e. when its serving stopped."""
 
     def __init__(self) -> None:
         self.ms: dict[str, float] = {}
-        self._t = time.perf_counter()
+        self._t = self.started = time.perf_counter()
 
     def mark(self, name: str) -> None:
         now = time.perf_counter()
         self.ms[name] = round((now - self._t) * 1000, 3)
         self._t = now
+
+    def clock(self) -> dict[str, float]:
+        """When this member stopped serving and when it was done (monotonic seconds)."""
+        return {"start": self.started, "end": self._t}
 
 
 class GroupMember:
@@ -205,7 +211,7 @@ class GroupMember:
         decide(ballots)
         return ballots
 
-    def _commit_vote(self, group: PoolGroup, op: str, build: Any) -> Any:
+    def _commit_vote(self, group: PoolGroup, op: str, build: Any, ph: Phases) -> Any:
         """Run ``build()`` (exchange and plan: nothing changes yet) and vote on its plan's
         digest; every member refuses together if one failed or the plans differ."""
         try:
@@ -217,7 +223,9 @@ class GroupMember:
         except Exception as e:
             logger.exception("gyges: rank %d: %s planning failed", self.rank, op)
             built, mine = None, Ballot(False, f"rank {self.rank}: {type(e).__name__}: {e}")
+        ph.mark("plan_ms")
         ballots = self._vote(group, op, mine)
+        ph.mark("commit_vote_ms")
         if len({b.payload for b in ballots}) != 1:
             pool = capacity.pool_of(self.s)
             logger.error("gyges: rank %d: %s plans differ: digests %s; this member's "
@@ -252,16 +260,19 @@ class GroupMember:
         runner = s.tp_worker.model_runner
         pc = self._precopy_for("merge", ranks) if msg.get("precopy") else None
         mine = self._prepare("merge", k, k_old)
+        ph.mark("prepare_ms")
         work = migration.Work()
         if mine.ok:
             try:
                 migration.settle(s)
+                ph.mark("settle_ms")
                 slots = capacity.slots_per_replica(capacity.pool_of(s))
                 offset = merge_offset(r // k_old, k_old, slots)
                 work = migration.export_work(s, offset)
                 if pc is not None:
                     work.written = _written(capacity.pool_of(s)) + offset
                 mine = Ballot(True, payload=migration.to_bytes(work))
+                ph.mark("export_ms")
             except Exception as e:  # nothing has changed yet: the group refuses as one
                 logger.exception("gyges: rank %d cannot export its requests", self.rank)
                 mine = Ballot(False, f"rank {self.rank}: a request cannot be moved ({e})")
@@ -291,8 +302,7 @@ class GroupMember:
             self._ensure_workspace(plan, pool)
             return plan, works, keep
 
-        plan, works, keep = self._commit_vote(group, "merge", build)
-        ph.mark("plan_ms")
+        plan, works, keep = self._commit_vote(group, "merge", build, ph)
         mine_reqs = [*work.running, *work.waiting]
         try:
             inject("merge", "kv_move", self.rank)
@@ -326,7 +336,8 @@ class GroupMember:
         ph.mark("sync_ms")
         logger.info("gyges: rank %d merged into TP%d %s as local rank %d: %s %s", self.rank,
                     k, list(ranks), r, moved_reqs, ph.ms)
-        return {"tp": k, "local_rank": r, "phases_ms": ph.ms, "capacity_tokens": cap,
+        return {"tp": k, "local_rank": r, "phases_ms": ph.ms, "clock_s": ph.clock(),
+                "capacity_tokens": cap,
                 "kv_bytes_moved": moved.bytes_sent, "kv_bytes_local": moved.bytes_local,
                 **self._precopy_done(pc, staged),
                 "sliced_weight_bytes": weight_bytes, "weight_bytes_released": released,
@@ -346,7 +357,9 @@ class GroupMember:
         half = r // k_new
         pc = self._precopy_for("split", ranks) if msg.get("precopy") else None
         self._vote(group, "split", self._prepare("split", k, k))
+        ph.mark("prepare_ms")
         migration.settle(s)
+        ph.mark("settle_ms")
         pool = capacity.pool_of(s)
         slots, page = capacity.slots_per_replica(pool), int(pool.page_size)
         req_to_token = s.req_to_token_pool.req_to_token
@@ -374,8 +387,7 @@ class GroupMember:
             self._ensure_workspace(plan, pool)
             return plan, split, new_rows, cache, keep
 
-        plan, split, new_rows, cache, keep = self._commit_vote(group, "split", build)
-        ph.mark("plan_ms")
+        plan, split, new_rows, cache, keep = self._commit_vote(group, "split", build, ph)
         all_reqs = [*running, *s.waiting_queue]
         try:
             _copy_pages(pool, split.copies, page)
@@ -423,7 +435,7 @@ class GroupMember:
         ph.mark("sync_ms")
         logger.info("gyges: rank %d split from %s into TP%d: %s %s", self.rank, list(ranks),
                     k_new, moved_reqs, ph.ms)
-        return {"tp": k_new, "phases_ms": ph.ms, "capacity_tokens": cap,
+        return {"tp": k_new, "phases_ms": ph.ms, "clock_s": ph.clock(), "capacity_tokens": cap,
                 "kv_bytes_moved": moved.bytes_sent, "kv_bytes_local": moved.bytes_local,
                 "pages_copied": len(split.copies), **self._precopy_done(pc, staged),
                 "prefix_nodes_dropped": cache.dropped_nodes,
