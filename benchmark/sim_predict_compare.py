@@ -1,13 +1,23 @@
-"""Hold the simulator to the live server: predict benchmark/compare.py's committed N=2 run.
+"""Hold the simulator to the live server: predict benchmark/compare.py's N=2 run.
 
-    PYTHONPATH=python python benchmark/sim_predict_compare.py
+    # 1. calibrate against a live dp 2 Gyges server configured like compare.py's
+    PYTHONPATH=python python benchmark/sim_predict_compare.py --calibrate \
+        --calibration benchmark/results/sim/predict/calibration.json
+    # 2. the live run the fit never saw (compare.py's own trace and servers)
+    PYTHONPATH=python python benchmark/compare.py --out benchmark/results/sim/predict/live
+    # 3. predict it
+    PYTHONPATH=python python benchmark/sim_predict_compare.py \
+        --calibration benchmark/results/sim/predict/calibration.json \
+        --live benchmark/results/sim/predict/live --out benchmark/results/sim/predict/report.md
 
-Rebuilds compare.py's default trace (synthetic_long_tail(48, seed 0), time x6, lengths
-x0.25, capped at 2 x 1016 slots), refits the round-trip calibration's measurements for
-1024 KV slots per replica (compare.py's --max-total-tokens), simulates dp, tp, and Gyges
-with each policy on one host of 2 "GPUs" with hold-down 2 s, and compares throughput,
-goodput and TTFT p50 with the live results in benchmark/results/*.json. Writes
-benchmark/results/sim/predict-compare.md.
+Step 1 starts the tiny Llama compare.py serves at N=2 (dp 2, ``--enable-gyges``, 1024 KV
+slots per replica) and runs ``python -m gyges.sim calibrate`` against it. Step 3 rebuilds
+compare.py's default trace (synthetic_long_tail(48, seed 0), time x6, lengths x0.25, capped
+at 2 x 1016 slots), simulates dp, tp, and Gyges with each policy on one host of 2 "GPUs"
+with hold-down 2 s, and compares throughput, goodput and TTFT p50 with the live
+``<config>.json`` files. Without options: the round trip's calibration
+(results/sim/roundtrip/) refitted for 1024 slots, against the committed live run in
+benchmark/results/.
 """
 from __future__ import annotations
 
@@ -33,14 +43,50 @@ LIVE = {"dp": "static-dp", "tp": "static-tp2", "gyges-gyges": "gyges",
 SLO_TTFT_S, SLO_TPOT_S = 2.0, 0.2
 
 
+def calibrate(out: Path) -> None:
+    """Calibrate against a live server configured like compare.py's Gyges servers."""
+    import subprocess
+
+    from gyges.testing.server import SGLangServer, tiny_model
+    from gyges.testing.tiny_model import LLAMA_GQA
+
+    path = tiny_model(LLAMA_GQA)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with SGLangServer(path, dp_size=2, gyges=True, max_total_tokens=1024,
+                      extra_args=["--gyges-split-hold-down", "2"]) as srv:
+        subprocess.run([sys.executable, "-m", "gyges.sim", "calibrate", "--url", srv.url,
+                        "--out", str(out), "--model-path", str(path), "--repeats", "3"],
+                       check=True)
+
+
 def main() -> None:
+    import argparse
+
     from gyges.testing.server import tiny_model
     from gyges.testing.tiny_model import LLAMA_GQA
 
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calibrate", action="store_true",
+                    help="measure a live server into --calibration, then stop")
+    ap.add_argument("--calibration", type=Path,
+                    help="calibration file (default: the round trip's, refitted)")
+    ap.add_argument("--live", type=Path, default=ROOT / "results",
+                    help="directory of compare.py's <config>.json files")
+    ap.add_argument("--out", type=Path, default=ROOT / "results/sim/predict-compare.md")
+    args = ap.parse_args()
+    if args.calibrate:
+        if args.calibration is None:
+            raise SystemExit("error: --calibrate needs --calibration FILE")
+        calibrate(args.calibration)
+        return
     model = model_from_hf(tiny_model(LLAMA_GQA))
-    calib = json.loads((ROOT / "results/sim/roundtrip/calibration.json").read_text())
-    data = dict(calib["measurements"], capacity_tokens_tp1=1024)
-    params = CostParams.from_json(fit_all(model, data)["params"])
+    if args.calibration is None:
+        calib = json.loads((ROOT / "results/sim/roundtrip/calibration.json").read_text())
+        data = dict(calib["measurements"], capacity_tokens_tp1=1024)
+        params = CostParams.from_json(fit_all(model, data)["params"])
+    else:
+        params = CostParams.from_json(json.loads(args.calibration.read_text())["params"])
     raw = scale(synthetic_long_tail(48, seed=0), time_scale=6.0, length_scale=0.25,
                 max_requests=48)
     trace = [TraceRequest(r.arrival_s, r.input_len, r.output_len)
@@ -49,7 +95,7 @@ def main() -> None:
     rows = ["| config | metric | live | simulated | error |", "|---|---|---|---|---|"]
     errors: dict[str, list[float]] = {}
     for live_name, policy in LIVE.items():
-        live = summarize_run(json.loads((ROOT / f"results/{live_name}.json").read_text()),
+        live = summarize_run(json.loads((args.live / f"{live_name}.json").read_text()),
                              SLO_TTFT_S, SLO_TPOT_S)
         sim = summarise(run_policy(policy, trace, setup), Slo(SLO_TTFT_S * 1000,
                                                               SLO_TPOT_S * 1000))
@@ -65,7 +111,8 @@ def main() -> None:
         rows.append(f"| {metric} | {sum(errs) / len(errs):.0%} | "
                     f"{sum(e <= 0.2 for e in errs)}/{len(errs)} |")
     text = "\n".join(rows) + "\n"
-    (ROOT / "results/sim/predict-compare.md").write_text(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
     print(text)
 
 

@@ -95,3 +95,13 @@ def test_router_spreads_concurrent_long_requests_and_gathers_sequential_ones():
     run = run_policy("gyges", apart, setup(hosts=2, gpus=4))
     assert all(not r.failed for r in run.requests)
     assert {rec.host for rec in run.records if rec.op == "merge"} == {0}
+
+
+def test_request_overhead_adds_to_every_ttft_and_to_nothing_else():
+    trace = [TraceRequest(i * 3.0, 500, 20) for i in range(4)]  # one at a time
+    base = run_policy("static-dp", trace, setup())
+    slow = run_policy("static-dp", trace, SimSetup(Q32, H100.with_(request_overhead_s=0.05),
+                                                   1, 2, hold_down_s=HOLD))
+    for a, b in zip(base.requests, slow.requests, strict=True):
+        assert b.first_token - a.first_token == pytest.approx(0.05)
+        assert b.finish - b.first_token == pytest.approx(a.finish - a.first_token)

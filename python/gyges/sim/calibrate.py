@@ -1,11 +1,13 @@
 """``calibrate --url URL --out FILE``: measure a live Gyges server, fit :class:`CostParams`.
 
 Per degree k (1, 2, .. max TP; every aligned group merged through ``POST /gyges/merge``):
-prefill time (a request with ``max_new_tokens=1``) at a few prompt lengths, and the decode
-step (TPOT of a batch-1 request). Then merges and splits with and without a request in
-flight, from the admin API's own report (``elapsed_ms.total_ms``, ``kv_bytes_moved``).
-The fit: step overhead, effective FLOP/s, effective memory bandwidth and all-reduce floor
-by Nelder-Mead in log space on the squared log error of every point; the
+prefill time (a request with ``max_new_tokens=1``: the request's own overhead plus the
+prefill step) at a few prompt lengths, and the decode step at batch 1 and at batch 4 per
+instance (the difference between requests of 33 and 1 new tokens, over 32: steps only).
+Then merges and splits with and without a request in flight, from the admin API's own
+report (``elapsed_ms.total_ms``, ``kv_bytes_moved``). The fit: per-request overhead, step
+overhead, effective FLOP/s, effective memory bandwidth and all-reduce floor by
+Nelder-Mead in log space on the squared log error of every point; the
 transformation's fixed cost and bandwidth by least squares on (bytes, ms). KV capacity:
 the server's configured ``capacity_tokens`` per replica (``kv_tokens_tp1``: every plan
 holds k x that). The file holds the params, every measurement and the fit error per
@@ -29,6 +31,7 @@ from gyges.sim.models import ModelSpec, SimInputError, model_from_hf
 
 PROMPTS = (32, 256, 1024)
 DECODE_TOKENS = 32
+DECODE_BATCHES = (1, 4)
 
 
 class Server:
@@ -56,6 +59,30 @@ class Server:
         t0 = time.perf_counter()
         self.call("/generate", {"input_ids": ids, "sampling_params": {
             "max_new_tokens": new, "temperature": 0.0, "ignore_eos": True}})
+        return time.perf_counter() - t0
+
+    def generate_many(self, n: int, prompt: int, new: int, vocab: int) -> float:
+        """Seconds until ``n`` concurrent requests (distinct prompts) all finished."""
+        if n == 1:
+            return self.generate(prompt, new, vocab)
+        errors: list[BaseException] = []
+
+        def one(i: int) -> None:
+            ids = [(7 * j + 11 * i + 3) % max(vocab - 10, 2) + 5 for j in range(prompt)]
+            try:
+                self.call("/generate", {"input_ids": ids, "sampling_params": {
+                    "max_new_tokens": new, "temperature": 0.0, "ignore_eos": True}})
+            except BaseException as e:  # re-raised on the caller's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=300)
+        if errors:
+            raise errors[0]
         return time.perf_counter() - t0
 
 
@@ -88,10 +115,18 @@ def measure(srv: Server, model: ModelSpec, repeats: int) -> dict[str, Any]:
             if p + DECODE_TOKENS < cap1:
                 t = min(srv.generate(p, 1, model.vocab) for _ in range(repeats))
                 steps.append({"kind": "prefill", "k": k, "tokens": p, "s": t})
-        one = min(srv.generate(64, 1, model.vocab) for _ in range(repeats))
-        many = min(srv.generate(64, DECODE_TOKENS + 1, model.vocab) for _ in range(repeats))
-        steps.append({"kind": "decode", "k": k, "batch": 1, "ctx": 64 + DECODE_TOKENS // 2,
-                      "s": (many - one) / DECODE_TOKENS})
+        for batch in DECODE_BATCHES:
+            if batch * (64 + DECODE_TOKENS + 1) >= k * cap1:
+                continue
+            # batch > 1: that many per instance on every instance (the controller spreads
+            # them), all running at once as in serving
+            n = batch * (dp // k) if batch > 1 else 1
+            one = min(srv.generate_many(n, 64, 1, model.vocab) for _ in range(repeats))
+            many = min(srv.generate_many(n, 64, DECODE_TOKENS + 1, model.vocab)
+                       for _ in range(repeats))
+            steps.append({"kind": "decode", "k": k, "batch": batch,
+                          "ctx": batch * (64 + DECODE_TOKENS // 2),
+                          "s": max(many - one, 1e-6) / DECODE_TOKENS})
         k *= 2
     _set_degree(srv, dp, 1)
     transforms = []
@@ -115,12 +150,15 @@ def measure(srv: Server, model: ModelSpec, repeats: int) -> dict[str, Any]:
 
 
 def _predict(cost: StepCost, pt: dict[str, Any]) -> float:
+    """A prefill point is a whole request (its overhead + the prefill step); a decode point
+    is a difference of two requests' times: steps only."""
     if pt["kind"] == "prefill":
-        return cost.prefill(pt["k"], pt["tokens"], pt["tokens"] ** 2 / 2, 1)
+        return cost.p.request_overhead_s + cost.prefill(pt["k"], pt["tokens"],
+                                                        pt["tokens"] ** 2 / 2, 1)
     return cost.decode(pt["k"], pt["batch"], pt["ctx"])
 
 
-FIT_KEYS = ("step_overhead_s", "flops", "hbm_bw", "allreduce_latency_s")
+FIT_KEYS = ("step_overhead_s", "flops", "hbm_bw", "allreduce_latency_s", "request_overhead_s")
 
 
 def fit(model: ModelSpec, base: CostParams, points: list[dict[str, Any]]
@@ -136,7 +174,7 @@ def fit(model: ModelSpec, base: CostParams, points: list[dict[str, Any]]
     def at(v: list[float]) -> float:
         return loss(base.with_(**{k: math.exp(a) for k, a in zip(keys, v, strict=True)}))
 
-    # Nelder-Mead in log space (4 parameters), restarted once from its own optimum.
+    # Nelder-Mead in log space, restarted once from its own optimum.
     for _ in range(2):
         simplex = [x] + [[a + (0.7 if i == j else 0.0) for j, a in enumerate(x)]
                          for i in range(len(x))]
@@ -189,7 +227,8 @@ def fit_all(model: ModelSpec, data: dict[str, Any]) -> dict[str, Any]:
     """The calibration file's content from ``measure``'s data (no server needed)."""
     start = CostParams("calibrated", flops=1e11, hbm_bw=1e10, memory=1e9, nvlink_bw=1e9,
                        mfu=1.0, mfu_attn=1.0, mbu=1.0, layer_overhead_s=0.0,
-                       step_overhead_s=0.005, allreduce_latency_s=1e-4)
+                       step_overhead_s=0.005, allreduce_latency_s=1e-4,
+                       request_overhead_s=0.01)
     fixed, bw = fit_transforms(data["transforms"])
     start = start.with_(transform_fixed_s=fixed, nvlink_bw=bw)
     params, errors = fit(model, start, data["steps"])

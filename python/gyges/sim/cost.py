@@ -38,6 +38,9 @@ class CostParams:
     mfu_attn: float = 0.45  # flash attention reaches less of peak than GEMMs
     mbu: float = 0.80  # achieved fraction of HBM bandwidth when memory-bound
     step_overhead_s: float = 0.004  # scheduler + sampling + launch per step
+    # per request, outside the steps: HTTP, tokenizer, dispatch, detokenizer (adds to its
+    # TTFT and latency, not to the instance's busy time); 0 for the GPU presets (unmeasured)
+    request_overhead_s: float = 0.0
     layer_overhead_s: float = 15e-6  # per layer per step (kernel launches, norms, rope)
     allreduce_latency_s: float = 12e-6  # floor of one NVLink all-reduce
     mem_fraction: float = 0.88  # SGLang mem_fraction_static: weights + KV share
