@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
             for op in ("merge", "split"):
                 doc[f"{mode}_{op}_cutover_growth"] = round(
                     results[-1][mode][op]["cutover_ms"] / results[0][mode][op]["cutover_ms"], 2)
+                doc[f"{mode}_{op}_pause_growth"] = round(
+                    results[-1][mode][op]["pause_ms"] / results[0][mode][op]["pause_ms"], 2)
     text = json.dumps(doc, indent=1)
     print(text)
     if a.out:
