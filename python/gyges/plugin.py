@@ -38,6 +38,8 @@ def load() -> None:
     reg(f"{scheduler.TARGET}.ingest_requests", scheduler.after_ingest_requests, HookType.AFTER)
     reg(f"{scheduler.TARGET}.send_control_output", scheduler.after_send_control_output,
         HookType.AFTER)
+    reg(f"{scheduler.TARGET}.is_disable_overlap_for_batch",
+        scheduler.after_is_disable_overlap_for_batch, HookType.AFTER)
     for name, hook in data_parallel_controller.AROUND_HOOKS.items():
         reg(f"{data_parallel_controller.TARGET}.{name}", hook, HookType.AROUND)
     reg(f"{tokenizer_manager.TARGET}._validate_one_request",

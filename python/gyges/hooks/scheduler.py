@@ -79,6 +79,25 @@ def after_ingest_requests(_result: Any, scheduler: Any, *args: Any, **kwargs: An
         member.poll()
 
 
+def after_is_disable_overlap_for_batch(result: bool, scheduler: Any, batch: Any = None,
+                                       last_batch: Any = None) -> bool | None:
+    """Once after a transformation, under the overlap scheduler: process the first step's
+    result before launching the second, as SGLang itself does for consecutive prefills.
+
+    A switch settles the step in flight, so the new configuration restarts the overlap
+    pipeline: its first tokens would only be processed after the second step was launched,
+    which on CPU runs the whole step. Processing them first takes one step off the pause
+    every stream sees; the batches and their order are SGLang's own path."""
+    member = getattr(scheduler, "_gyges_member", None)
+    if result or member is None or batch is None or last_batch is None or \
+            not member.flush_after_switch:
+        return None
+    member.flush_after_switch = False
+    logger.info("Gyges: rank %d processes the first step after the switch before launching "
+                "the next", member.rank)
+    return True
+
+
 def after_send_control_output(_result: Any, scheduler: Any, output: Any,
                               recv_req: Any = None) -> None:
     """A merged instance's leader answers each fanned-out control request once per member.

@@ -94,6 +94,9 @@ class GroupMember:
         self.failed: str | None = None  # set by a failure after commit; the rank is done
         self.precopy: precopy_mod.PreCopy | None = None
         self.precopy_broken: dict[tuple[int, ...], str] = {}  # side groups not to use again
+        # the next overlapped step's result is processed before the one after it launches
+        # (hooks/scheduler.after_is_disable_overlap_for_batch): set by each switch
+        self.flush_after_switch = False
         self.stall_watch = StallWatch(self.rank)
         commands.handlers.update(idle=self.on_idle, merge=self.on_merge, split=self.on_split,
                                  precopy=self.on_precopy,
@@ -334,6 +337,7 @@ class GroupMember:
         except Exception as e:
             raise self._fail("merge", e, mine_reqs) from e
         ph.mark("sync_ms")
+        self.flush_after_switch = True
         logger.info("gyges: rank %d merged into TP%d %s as local rank %d: %s %s", self.rank,
                     k, list(ranks), r, moved_reqs, ph.ms)
         return {"tp": k, "local_rank": r, "phases_ms": ph.ms, "clock_s": ph.clock(),
@@ -433,6 +437,7 @@ class GroupMember:
         except Exception as e:
             raise self._fail("split", e, all_reqs) from e
         ph.mark("sync_ms")
+        self.flush_after_switch = True
         logger.info("gyges: rank %d split from %s into TP%d: %s %s", self.rank, list(ranks),
                     k_new, moved_reqs, ph.ms)
         return {"tp": k_new, "phases_ms": ph.ms, "clock_s": ph.clock(), "capacity_tokens": cap,
