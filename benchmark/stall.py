@@ -114,11 +114,7 @@ def _gap_parts(gap: tuple[float, float, float], replies: list[dict]) -> dict[str
     ``time.perf_counter`` here): before it, the switch itself, after it (the first step of
     the new configuration and the token's way to the client)."""
     _, a, b = gap
-    for r in replies:
-        clocks = [m["clock_s"] for m in r["members"].values() if "clock_s" in m]
-        if not clocks:
-            continue
-        start, end = min(c["start"] for c in clocks), max(c["end"] for c in clocks)
+    for start, end in filter(None, map(_switch_span, replies)):
         if a <= end and b >= start:
             return {"before_ms": round((start - a) * 1000, 1),
                     "switch_ms": round((end - start) * 1000, 1),
@@ -167,12 +163,17 @@ def _pause_ms(replies: list[dict]) -> float:
     """How long the group did not serve, from its members' clocks (the first member to stop
     serving to the last to be done), summed over the steps: the server side of the stall,
     without the token's way to the client."""
-    total = 0.0
-    for r in replies:
-        clocks = [m["clock_s"] for m in r["members"].values() if "clock_s" in m]
-        if clocks:
-            total += max(c["end"] for c in clocks) - min(c["start"] for c in clocks)
-    return round(total * 1000, 1)
+    return round(sum(end - start for start, end in filter(None, map(_switch_span, replies)))
+                 * 1000, 1)
+
+
+def _switch_span(reply: dict) -> tuple[float, float] | None:
+    """(first member stopped serving, last member done) of one step's reply, from the
+    members' ``clock_s``; None when they report none."""
+    clocks = [m["clock_s"] for m in reply["members"].values() if "clock_s" in m]
+    if not clocks:
+        return None
+    return min(c["start"] for c in clocks), max(c["end"] for c in clocks)
 
 
 def _steps(dp: int, op: str) -> list[list[int]]:

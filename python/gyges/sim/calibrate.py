@@ -54,8 +54,9 @@ class Server:
         except (urllib.error.URLError, OSError) as e:
             raise SimInputError(f"cannot reach {self.url}{path}: {e}") from None
 
-    def generate(self, prompt: int, new: int, vocab: int) -> float:
-        ids = [(7 * i + 3) % max(vocab - 10, 2) + 5 for i in range(prompt)]
+    def generate(self, prompt: int, new: int, vocab: int, salt: int = 0) -> float:
+        """Seconds of one greedy request; ``salt`` varies the prompt (no shared prefix)."""
+        ids = [(7 * i + 11 * salt + 3) % max(vocab - 10, 2) + 5 for i in range(prompt)]
         t0 = time.perf_counter()
         self.call("/generate", {"input_ids": ids, "sampling_params": {
             "max_new_tokens": new, "temperature": 0.0, "ignore_eos": True}})
@@ -68,10 +69,8 @@ class Server:
         errors: list[BaseException] = []
 
         def one(i: int) -> None:
-            ids = [(7 * j + 11 * i + 3) % max(vocab - 10, 2) + 5 for j in range(prompt)]
             try:
-                self.call("/generate", {"input_ids": ids, "sampling_params": {
-                    "max_new_tokens": new, "temperature": 0.0, "ignore_eos": True}})
+                self.generate(prompt, new, vocab, salt=i)
             except BaseException as e:  # re-raised on the caller's thread
                 errors.append(e)
 
