@@ -103,6 +103,9 @@ class FakeBus:
     def run(self, ranks, msg, timeout_s, stop=None):
         if msg["op"].startswith("precopy"):  # pre-copies succeed unless told otherwise
             self.precopies = getattr(self, "precopies", []) + [msg]
+            polls = getattr(self, "precopy_polls", None)
+            if msg["op"] == "precopy_status" and polls:
+                return polls.pop(0)
             bad = getattr(self, "precopy_fault", {}).get(msg["op"])
             if bad is not None:
                 return {0: {"ok": True, "done": True, "error": None}, 1: bad}
@@ -186,6 +189,22 @@ def test_precopy_without_staging_memory_falls_back_to_stop_the_world():
     assert bus.last["precopy"] is False and "no staging" in res["precopy"]["skipped"]
     drop = bus.precopies[-1]
     assert drop["op"] == "precopy_drop" and drop["broken"] is None
+    assert state["topo"].instances == (Instance((0, 1)),)
+
+
+def test_a_fallback_seen_on_one_member_first_waits_for_the_others():
+    """Members fall back alike (they agreed on it) but finish at their own time: a poll
+    that sees one member done with the fallback and one still running is no failure."""
+    bus = FakeBus()
+    unavailable = {"ok": True, "done": True, "fallback": True,
+                   "error": "pre-copy unavailable: no staging"}
+    running = {"ok": True, "done": False, "error": None}
+    bus.precopy_polls = [{0: unavailable, 1: running}, {0: running, 1: unavailable},
+                         {0: unavailable, 1: unavailable}]
+    tr, _, state = make(bus)
+    res = finish(tr, tr.start({"op": "merge", "ranks": [0, 1]})["job"])
+    assert bus.precopy_polls == [] and "no staging" in res["precopy"]["skipped"]
+    assert bus.last["precopy"] is False and bus.precopies[-1]["broken"] is None
     assert state["topo"].instances == (Instance((0, 1)),)
 
 

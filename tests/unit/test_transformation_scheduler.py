@@ -205,6 +205,21 @@ def test_split_after_hold_down_and_no_oscillation():
     assert sched.owned == set() and sched.stats.splits == {"started": 1, "done": 1}
 
 
+def test_status_reports_auto_merged_instances_as_the_topology_is_now():
+    """A split applied by the host before the scheduler's next tick: status does not list
+    the gone instance (a client that saw the new layout reads a consistent status)."""
+    sched, host, clock, sent = make(dp=2)
+    submit(sched, sent, "long", 1500)
+    sched.tick()
+    host.finish()
+    sched.tick()
+    assert sched.status()["auto_merged"] == [[0, 1]]
+    settle(sched, host, clock, HOLD_DOWN + 1)
+    assert host.started[-1] == ("split", (0, 1))
+    host.finish()  # no tick yet
+    assert sched.status()["auto_merged"] == []
+
+
 def test_no_split_while_a_long_request_may_run():
     sched, host, clock, sent = make(dp=2)
     submit(sched, sent, "long", 1500)

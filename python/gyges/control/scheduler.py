@@ -449,7 +449,9 @@ class TransformationScheduler:
                             for p in self.pending],
                 "job": None if job is None else {"op": job.op, "ranks": list(job.ranks),
                                                  "running_s": round(now - job.since, 3)},
-                "auto_merged": sorted(list(g) for g in self.owned),
+                # as of the host's topology now, not of the last tick
+                "auto_merged": sorted(list(g) for g in self.owned
+                                      if _is_instance(self.host.topology(), g)),
                 "counters": {"decisions": dict(self.stats.decisions),
                              "auto_merges": dict(self.stats.merges),
                              "auto_splits": dict(self.stats.splits)},

@@ -272,13 +272,15 @@ class Transformer:
                       if not x.get("ok") or x.get("error")]
             if not errors and all(x.get("done") for x in status.values()):
                 return status
-            if errors and all(x.get("ok") and (x.get("fallback") or not x.get("error"))
-                              for x in status.values()) and all(
-                    x.get("done") for x in status.values()):
-                skipped.append(errors[0])  # e.g. no staging memory: stop the world
+            # e.g. no staging memory: every member falls back alike, but not at once
+            fallback = bool(errors) and all(x.get("ok") and (x.get("fallback")
+                                                             or not x.get("error"))
+                                            for x in status.values())
+            if fallback and all(x.get("done") for x in status.values()):
+                skipped.append(errors[0])  # stop the world
                 self._drop_precopy(ranks, None)
                 return None
-            if errors or time.monotonic() > deadline:
+            if (errors and not fallback) or time.monotonic() > deadline:
                 why = errors[0] if errors else \
                     f"pre-copy did not finish within {PRECOPY_TIMEOUT_S:g}s"
                 self._drop_precopy(ranks, why)
