@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -93,6 +94,53 @@ def test_split_plan_invariants(case):
                 for y, ny in zip(rows[b], plan.rows[b], strict=True):
                     if x == y:
                         assert nx == ny
+
+
+def _plan_split_slot_by_slot(rows, *, k, slots_per_replica, page_size, reserved=()):
+    """The set-based plan_split this module had before it was vectorised (reference)."""
+    ppr = slots_per_replica // page_size
+    usable = [set(half_pages(h, k, ppr)) for h in (0, 1)]
+    pages_of = [sorted({int(s) // page_size for s in row}) for row in rows]
+    occupied = set().union(*pages_of, {int(p) for p in reserved})
+    free = [sorted(usable[h] - occupied, reverse=True) for h in (0, 1)]
+    mapping: list[dict[int, int]] = [{}, {}]
+    load, halves = [0, 0], []
+    for pages in pages_of:
+        inside = [sum(p in usable[h] for p in pages) for h in (0, 1)]
+        first = 0 if (inside[0], -load[0]) >= (inside[1], -load[1]) else 1
+        for h in (first, 1 - first):
+            need = [p for p in pages if p not in usable[h] and p not in mapping[h]]
+            if len(need) <= len(free[h]):
+                for p in need:
+                    mapping[h][p] = free[h].pop()
+                halves.append(h)
+                load[h] += len(pages)
+                break
+        else:
+            raise SplitRefused("neither half")
+    copies = tuple(sorted((src, dst) for m in mapping for src, dst in m.items()))
+    new_rows = tuple(
+        tuple(mapping[h].get(int(s) // page_size, int(s) // page_size) * page_size
+              + int(s) % page_size for s in row)
+        for row, h in zip(rows, halves, strict=True))
+    return halves, copies, new_rows
+
+
+@settings(max_examples=300, deadline=None)
+@given(split_case(), st.lists(st.integers(0, 40), max_size=6), st.sampled_from(["list", "array"]))
+def test_split_plan_equals_the_slot_by_slot_reference(case, reserved, kind):
+    k, page, s, rows = case
+    args = {"k": k, "slots_per_replica": s, "page_size": page,
+            "reserved": [p for p in reserved if p < k * s // page]}
+    given_rows = rows if kind == "list" else [np.asarray(r, dtype=np.int64) for r in rows]
+    try:
+        want = _plan_split_slot_by_slot(rows, **args)
+    except SplitRefused:
+        with pytest.raises(SplitRefused):
+            plan_split(given_rows, **args)
+        return
+    plan = plan_split(given_rows, **args)
+    assert (list(plan.halves), plan.copies, plan.rows) == want
 
 
 @given(st.lists(st.integers(0, 3 * 16 - 1), max_size=60), st.sampled_from(["list", "tensor"]))

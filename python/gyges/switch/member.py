@@ -370,7 +370,7 @@ class GroupMember:
         running = list(s.running_batch.reqs)
 
         def build() -> tuple[Any, Any, list[torch.Tensor], Any]:
-            rows = [req_to_token[q.kv.req_pool_idx, : int(q.kv.kv_allocated_len)].tolist()
+            rows = [req_to_token[q.kv.req_pool_idx, : int(q.kv.kv_allocated_len)].cpu()
                     for q in running]
             cache = split_cache(s, k, slots, page)
             try:
