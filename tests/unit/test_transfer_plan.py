@@ -274,3 +274,27 @@ def test_apply_plan_needs_every_buffer() -> None:
     plan = plan_transformation([0, 1], 1, 2, 2, {0: [(0, 1)]})
     with pytest.raises(ValueError, match="no buffer"):
         apply_plan(plan, {0: torch.zeros(2, 1, 1)})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 12)), max_size=12),
+       st.sampled_from(["list", "generator"]))
+def test_coalesce_ranges_equals_slot_by_slot_union(pairs, kind):
+    """The vectorised coalescing: the union of the ranges, as maximal runs, sorted."""
+    ranges = [(s, s + n) for s, n in pairs]
+    slots = sorted({x for s, e in ranges for x in range(s, e)})
+    want: list[tuple[int, int]] = []
+    for x in slots:
+        if want and want[-1][1] == x:
+            want[-1] = (want[-1][0], x + 1)
+        else:
+            want.append((x, x + 1))
+    got = coalesce_ranges(ranges if kind == "list" else (r for r in ranges))
+    assert got == tuple(want) and all(type(v) is int for r in got for v in r)
+
+
+def test_coalesce_ranges_rejects_negative_and_reversed():
+    for bad in ([(-1, 2)], [(3, 1)], [(0, 1), (5, 4)]):
+        with pytest.raises(ValueError, match="invalid slot range"):
+            coalesce_ranges(bad)
+    assert coalesce_ranges([]) == () and coalesce_ranges([(2, 2)]) == ()

@@ -46,12 +46,14 @@ def used_ranges_by_segment(slots: Iterable[int], slots_per_replica: int,
     breaks = np.flatnonzero((np.diff(ids) != 1) | (np.diff(seg) != 0)) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [ids.size]))
-    out: dict[int, list[SlotRange]] = {}
-    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-        i = int(seg[a])
-        lo = int(ids[a]) - i * slots_per_replica
-        out.setdefault(i, []).append((lo, lo + b - a))
-    return {i: tuple(r) for i, r in sorted(out.items())}
+    run_seg = seg[starts]
+    lo = ids[starts] - run_seg * slots_per_replica
+    hi = lo + (ends - starts)
+    out: dict[int, tuple[SlotRange, ...]] = {}
+    for i in np.unique(run_seg).tolist():
+        mine = run_seg == i
+        out[i] = tuple(zip(lo[mine].tolist(), hi[mine].tolist(), strict=True))
+    return out
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
+
 from gyges.core.degrees import check_degree
 
 if TYPE_CHECKING:  # the plans are plain integer math; only apply_plan touches tensors
@@ -101,22 +103,22 @@ def plan_digest(plan: TransferPlan) -> int:
 
 def coalesce_ranges(ranges: Iterable[SlotRange]) -> tuple[SlotRange, ...]:
     """Sort half-open ranges and merge overlapping or adjacent ones; drop empty ranges.
-    Raises ValueError on a negative start or an end before its start."""
-    cleaned: list[SlotRange] = []
-    for start, end in ranges:
-        start, end = int(start), int(end)
-        if start < 0 or end < start:
-            raise ValueError(f"invalid slot range [{start}, {end})")
-        if end > start:
-            cleaned.append((start, end))
-    cleaned.sort()
-    out: list[SlotRange] = []
-    for start, end in cleaned:
-        if out and start <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((start, end))
-    return tuple(out)
+    Raises ValueError on a negative start or an end before its start. Vectorised: a
+    cutover coalesces every used range of a fragmented pool."""
+    a = np.asarray(ranges if isinstance(ranges, (list, tuple)) else list(ranges),
+                   dtype=np.int64).reshape(-1, 2)
+    bad = (a[:, 0] < 0) | (a[:, 1] < a[:, 0])
+    if bad.any():
+        start, end = a[int(np.flatnonzero(bad)[0])].tolist()
+        raise ValueError(f"invalid slot range [{start}, {end})")
+    a = a[a[:, 1] > a[:, 0]]
+    if not a.size:
+        return ()
+    a = a[np.lexsort((a[:, 1], a[:, 0]))]
+    reach = np.maximum.accumulate(a[:, 1])
+    first = np.flatnonzero(np.concatenate(([True], a[1:, 0] > reach[:-1])))
+    ends = np.maximum.reduceat(a[:, 1], first)
+    return tuple(zip(a[first, 0].tolist(), ends.tolist(), strict=True))
 
 
 def pages_to_slot_ranges(pages: Iterable[int], page_size: int) -> tuple[SlotRange, ...]:

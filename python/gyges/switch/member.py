@@ -299,9 +299,11 @@ class GroupMember:
                 raise Refused(f"the merged instance would run {running} requests but has "
                               f"{rows} request rows (--max-running-requests); merge when "
                               "fewer requests run", retry=False)
+            ph.mark("receive_ms")
             plan, keep = precopy_mod.cutover(pc, (ranks, k_old, k, pool),
                                              torch.cat([w.slots for w in works]),
                                              torch.cat([w.written for w in works]))
+            ph.mark("kv_plan_ms")
             self._ensure_workspace(plan, pool)
             return plan, works, keep
 
@@ -373,6 +375,7 @@ class GroupMember:
             rows = [req_to_token[q.kv.req_pool_idx, : int(q.kv.kv_allocated_len)].cpu()
                     for q in running]
             cache = split_cache(s, k, slots, page)
+            ph.mark("cache_ms")
             try:
                 try:
                     split = plan_split(rows, k=k, slots_per_replica=slots, page_size=page,
@@ -382,12 +385,14 @@ class GroupMember:
                     split = plan_split(rows, k=k, slots_per_replica=slots, page_size=page)
             except SplitRefused as e:
                 raise Refused(str(e), retry=False) from None
+            ph.mark("split_plan_ms")
             new_rows = [torch.tensor(x, dtype=torch.int64) for x in split.rows]
             copied = torch.tensor([b * page + i for _, b in split.copies for i in range(page)],
                                   dtype=torch.int64)
             written = torch.cat([_written(pool), copied]) if pc is not None else copied
             plan, keep = precopy_mod.cutover(pc, (ranks, k, k_new, pool),
                                              torch.cat([*new_rows, cache.slots]), written)
+            ph.mark("kv_plan_ms")
             self._ensure_workspace(plan, pool)
             return plan, split, new_rows, cache, keep
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+ORDER_TOKENS = 256
+
 
 @dataclass
 class CachedNode:
@@ -91,7 +93,7 @@ def export_tree(tree: Any, slot_offset: int = 0,
                 dropped[0] += n
                 dropped[1] += t
                 continue
-            out.append(CachedNode(parent, [int(x) for x in child.key], slots + slot_offset,
+            out.append(CachedNode(parent, _tokens(child.key), slots + slot_offset,
                                   child.key.extra_key, child.key.cache_salt))
             stack.append((child, len(out) - 1))
     return out, dropped[0], dropped[1]
@@ -132,9 +134,20 @@ def node_slots(nodes: Sequence[CachedNode]) -> torch.Tensor:
     return torch.cat([n.slots for n in nodes]) if nodes else torch.empty(0, dtype=torch.int64)
 
 
+def _tokens(key: Any) -> list[int]:
+    """A node key's tokens (SGLang's ``RadixKey``; a plain sequence in unit tests), without
+    a Python step per token: a merge or split exports every cached token."""
+    raw = getattr(key, "raw_token_ids", None)
+    if raw is not None and not getattr(key, "is_bigram", False):
+        return list(raw())  # a list or an array.array, depending on who built the key
+    return [int(x) for x in key]
+
+
 def _order(node: Any) -> tuple:
+    """Siblings' order: they differ within their first page, so a head of the tokens is
+    enough (a tie keeps the children dict's order, the same on every TP member)."""
     key = node.key
-    return (str(key.extra_key), str(key.cache_salt), [int(x) for x in key])
+    return (str(key.extra_key), str(key.cache_salt), _tokens(key[:ORDER_TOKENS]))
 
 
 def _size(node: Any) -> tuple[int, int]:
@@ -192,6 +205,6 @@ def split_cache(s: Any, k: int, slots_per_replica: int, page_size: int) -> Split
             total[0], total[1] = total[0] + n, total[1] + t
     kept_nodes = len(halves[0]) + len(halves[1])
     kept_tokens = sum(len(n.tokens) for h in halves for n in h)
-    pages_held = tuple(sorted({int(x) // page_size for x in slots.tolist()}))
+    pages_held = tuple(torch.unique(slots // page_size).tolist())
     return SplitCache((halves[0], halves[1]), slots, pages_held, total[0] - kept_nodes,
                       total[1] - kept_tokens)
