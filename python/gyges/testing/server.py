@@ -80,11 +80,20 @@ def tiny_model(spec: TinyModelSpec | None = None, **fields: object) -> Path:
 
 
 def cpu_env(num_ranks: int) -> dict[str, str]:
-    """Environment for SGLang's CPU engine with ``num_ranks`` scheduler processes."""
+    """Environment for SGLang's CPU engine with ``num_ranks`` scheduler processes.
+
+    SGLang binds each rank's OpenMP threads to its ``SGLANG_CPU_OMP_THREADS_BIND`` cores only
+    on AMX or arm64 CPUs; elsewhere it logs "init_cpu_threads_env ... is disabled" and every
+    rank runs as many torch threads as the machine has cores. With two ranks on two cores
+    that is four spinning OpenMP threads: decode steps then vary 10x (60 to 800 ms) for
+    tens of seconds at a time. ``OMP_NUM_THREADS`` (cores / ranks, unless set) prevents it;
+    fp32 GEMMs are bitwise equal across thread counts, so outputs do not change."""
     cores = os.cpu_count() or 1
     env = dict(os.environ)
     env["SGLANG_USE_CPU_ENGINE"] = "1"
     env["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(num_ranks))
+    usable = len(os.sched_getaffinity(0)) or 1
+    env.setdefault("OMP_NUM_THREADS", str(max(1, usable // max(1, num_ranks))))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
