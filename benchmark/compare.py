@@ -87,7 +87,7 @@ def server_for(cfg: Config, model: Path, per_rank_tokens: int, hold_down_s: floa
 
 def command_line(srv) -> str:
     env = {k: srv.env[k] for k in ("SGLANG_USE_CPU_ENGINE", "SGLANG_CPU_OMP_THREADS_BIND",
-                                   "SGLANG_PLUGINS") if k in srv.env}
+                                   "OMP_NUM_THREADS", "SGLANG_PLUGINS") if k in srv.env}
     return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(srv.args)])
 
 

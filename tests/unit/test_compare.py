@@ -124,9 +124,10 @@ def test_configs_and_trace():
 def test_command_line_quotes_env():
     class Srv:
         env = {"SGLANG_USE_CPU_ENGINE": "1", "SGLANG_CPU_OMP_THREADS_BIND": "0|1",
-               "SGLANG_PLUGINS": "__gyges_disabled__", "HOME": "/x"}
+               "OMP_NUM_THREADS": "1", "SGLANG_PLUGINS": "__gyges_disabled__", "HOME": "/x"}
         args = ["python", "-m", "sglang.launch_server", "--dp-size", "2"]
     assert command_line(Srv()) == ("SGLANG_USE_CPU_ENGINE=1 SGLANG_CPU_OMP_THREADS_BIND='0|1' "
+                                   "OMP_NUM_THREADS=1 "
                                    "SGLANG_PLUGINS=__gyges_disabled__ python -m "
                                    "sglang.launch_server --dp-size 2")
 
