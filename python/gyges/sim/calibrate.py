@@ -10,8 +10,9 @@ overhead, effective FLOP/s, effective memory bandwidth and all-reduce floor by
 Nelder-Mead in log space on the squared log error of every point; the
 transformation's fixed cost and bandwidth by least squares on (bytes, ms). KV capacity:
 the server's configured ``capacity_tokens`` per replica (``kv_tokens_tp1``: every plan
-holds k x that). The file holds the params, every measurement and the fit error per
-point.
+holds k x that). The device and overlap scheduler (``/server_info``) set
+``first_token_lag_steps``: 1 for SGLang's overlap scheduler on a CPU, 0 otherwise. The file
+holds the params, every measurement and the fit error per point.
 """
 
 from __future__ import annotations
@@ -101,8 +102,24 @@ def _set_degree(srv: Server, dp: int, k: int) -> None:
         size *= 2
 
 
+def serving_path(info: dict[str, Any]) -> dict[str, Any]:
+    """Device and overlap scheduler of the server, from SGLang's ``/server_info``."""
+    args = info.get("server_args", info)
+    return {"device": str(args.get("device") or "cuda"),
+            "overlap_schedule": not bool(args.get("disable_overlap_schedule", False))}
+
+
+def first_token_lag_steps(serving: dict[str, Any] | None) -> float:
+    """One step where SGLang's overlap scheduler runs on a CPU (the launch of the next step
+    runs it whole before the prefill's result is processed), else 0."""
+    if not serving:
+        return 0.0
+    return 1.0 if serving["device"] == "cpu" and serving["overlap_schedule"] else 0.0
+
+
 def measure(srv: Server, model: ModelSpec, repeats: int) -> dict[str, Any]:
     status = srv.call("/gyges/status")
+    serving = serving_path(srv.call("/server_info"))
     dp, max_tp = int(status["dp_size"]), int(status["max_tp"])
     cap1 = min(i["capacity_tokens"] // i["tp"] for i in status["instances"])
     steps: list[dict[str, Any]] = []
@@ -145,15 +162,16 @@ def measure(srv: Server, model: ModelSpec, repeats: int) -> dict[str, Any]:
             if th is not None:
                 th.join()
     return {"dp_size": dp, "max_tp": max_tp, "capacity_tokens_tp1": cap1, "steps": steps,
-            "transforms": transforms}
+            "transforms": transforms, "serving": serving}
 
 
 def _predict(cost: StepCost, pt: dict[str, Any]) -> float:
     """A prefill point is a whole request (its overhead + the prefill step); a decode point
     is a difference of two requests' times: steps only."""
-    if pt["kind"] == "prefill":
-        return cost.p.request_overhead_s + cost.prefill(pt["k"], pt["tokens"],
-                                                        pt["tokens"] ** 2 / 2, 1)
+    if pt["kind"] == "prefill":  # the request also decodes in the step launched meanwhile
+        lag = cost.p.first_token_lag_steps * cost.decode(pt["k"], 1, pt["tokens"])
+        return cost.p.request_overhead_s + lag + cost.prefill(pt["k"], pt["tokens"],
+                                                              pt["tokens"] ** 2 / 2, 1)
     return cost.decode(pt["k"], pt["batch"], pt["ctx"])
 
 
@@ -227,7 +245,8 @@ def fit_all(model: ModelSpec, data: dict[str, Any]) -> dict[str, Any]:
     start = CostParams("calibrated", flops=1e11, hbm_bw=1e10, memory=1e9, nvlink_bw=1e9,
                        mfu=1.0, mfu_attn=1.0, mbu=1.0, layer_overhead_s=0.0,
                        step_overhead_s=0.005, allreduce_latency_s=1e-4,
-                       request_overhead_s=0.01)
+                       request_overhead_s=0.01,
+                       first_token_lag_steps=first_token_lag_steps(data.get("serving")))
     fixed, bw = fit_transforms(data["transforms"])
     start = start.with_(transform_fixed_s=fixed, nvlink_bw=bw)
     params, errors = fit(model, start, data["steps"])

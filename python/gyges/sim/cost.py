@@ -41,6 +41,10 @@ class CostParams:
     # per request, outside the steps: HTTP, tokenizer, dispatch, detokenizer (adds to its
     # TTFT and latency, not to the instance's busy time); 0 for the GPU presets (unmeasured)
     request_overhead_s: float = 0.0
+    # steps between a prefill's end and its first token leaving the scheduler: SGLang's
+    # overlap scheduler processes a batch's result after launching the next step, and on a
+    # CPU the launch runs the whole step (1); on a GPU it returns at once (0)
+    first_token_lag_steps: float = 0.0
     layer_overhead_s: float = 15e-6  # per layer per step (kernel launches, norms, rope)
     allreduce_latency_s: float = 12e-6  # floor of one NVLink all-reduce
     mem_fraction: float = 0.88  # SGLang mem_fraction_static: weights + KV share

@@ -22,6 +22,9 @@ from gyges.sim.engine import EventLoop, Handle
 
 
 class StepModel(Protocol):
+    """Step times of one instance; a model built on a ``StepCost`` exposes it as ``cost``
+    (its params' ``first_token_lag_steps`` then applies)."""
+
     def decode(self, batch: int, ctx_tokens: int) -> float: ...
     def prefill(self, tokens: int, pairs: float, seqs: int) -> float: ...
 
@@ -51,6 +54,8 @@ class Instance:
                  step: StepModel, on_finish: Finished, max_running: int = 1024) -> None:
         self.loop, self.ranks, self.capacity, self.step = loop, ranks, capacity, step
         self.on_finish, self.max_running = on_finish, max_running
+        cost = getattr(step, "cost", None)
+        self.lag_steps = float(cost.p.first_token_lag_steps) if cost is not None else 0.0
         self.waiting: deque[SimRequest] = deque()
         self.running: list[tuple[int, int, SimRequest]] = []  # (done_step, rid, req)
         self.steps = 0
@@ -60,6 +65,7 @@ class Instance:
         self._handle: Handle | None = None
         self._seg: tuple[float, float, int] | None = None  # decode: start, step_s, steps
         self._prefilling = False
+        self._prefill_dt: float | None = None
         self._pause_cb: Callable[[], None] | None = None
         self.paused = False
         self.busy_s = 0.0
@@ -157,7 +163,7 @@ class Instance:
             tokens = sum(r.prompt for r in admitted)
             pairs = sum(r.prompt * r.prompt / 2 for r in admitted)
             dt = self.step.prefill(tokens, pairs, len(admitted))
-            self._prefilling = True
+            self._prefilling, self._prefill_dt = True, dt
             self.busy_s += dt
             self._handle = self.loop.after(dt, lambda: self._prefilled(admitted))
             return
@@ -194,6 +200,21 @@ class Instance:
                 r.start_step, r.done_step = self.steps, self.steps + r.output - 1
                 self._add_running(r, r.prompt + 1)
         self._next()
+        if self.lag_steps:  # the first token leaves after the step launched meanwhile
+            lag = self.lag_steps * self._started_step_s(now, admitted)
+            for r in admitted:
+                r.first_token = now + lag
+                if r.output <= 1:
+                    r.finish = r.first_token
+
+    def _started_step_s(self, now: float, admitted: list[SimRequest]) -> float:
+        """Duration of the step launched at ``now``; when none is left to run, the decode
+        step SGLang still launches for the requests it has not yet seen finish."""
+        if self._seg is not None and self._seg[0] == now:
+            return self._seg[1]
+        if self._prefilling and self._prefill_dt is not None:
+            return self._prefill_dt
+        return self.step.decode(len(admitted), sum(r.prompt + 1 for r in admitted))
 
     def _add_running(self, r: SimRequest, ctx_now: int) -> None:
         r.c0 = ctx_now - self.steps
@@ -212,7 +233,7 @@ class Instance:
             _, _, r = heapq.heappop(self.running)
             self._ctx0 -= r.c0
             self.used -= r.need
-            r.finish = now
+            r.finish = now + self.lag_steps * dt  # every token lags as the first one does
             self.on_finish(r)
         self._next()
 
