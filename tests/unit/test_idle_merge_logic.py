@@ -157,6 +157,33 @@ def test_merge_waits_until_ready_then_switches_and_reroutes():
     assert state["topo"] == Topology.boot(2)
 
 
+class MovingBus(FakeBus):
+    """Members report the requests their new instance holds: ``counts[op][rank]``."""
+
+    def __init__(self, counts):
+        super().__init__()
+        self.counts = counts
+
+    def run(self, ranks, msg, timeout_s, stop=None):
+        out = super().run(ranks, msg, timeout_s, stop)
+        for r, n in self.counts.get(msg["op"], {}).items():
+            if r in out:
+                out[r].update(running=n, waiting=1)
+        return out
+
+
+def test_requests_moved_counts_the_merged_instance_once_and_both_halves_of_a_split():
+    tr, _, _ = make(MovingBus({"merge": {0: 3, 1: 3, 2: 3, 3: 3},
+                               "split": {0: 1, 1: 1, 2: 2, 3: 2}}), num_ranks=4)
+    for a, b in ((0, 1), (2, 3)):
+        finish(tr, tr.start({"op": "merge", "ranks": [a, b]})["job"])
+    res = finish(tr, tr.start({"op": "merge", "ranks": [0, 1, 2, 3]})["job"])
+    assert res["requests_moved"] == {"running": 3, "waiting": 1}
+    # TP4 -> 2 x TP2: one count per half (its leader's), not one per member
+    res = finish(tr, tr.start({"op": "split", "ranks": [0, 1, 2, 3]})["job"])
+    assert res["requests_moved"] == {"running": 3, "waiting": 2}
+
+
 def test_precopy_then_cutover_with_precopy_and_its_figures():
     bus = FakeBus()
     tr, routing, _ = make(bus)

@@ -223,6 +223,8 @@ class Transformer:
         phases["total_ms"] = _ms(t0)
         instances = [self.describe(i) for i in target.instances if i.ranks[0] in ranks]
         members = [replies[r] for r in ranks]
+        # each new instance's leader reports that instance's requests (a merge has one)
+        leaders = [replies[i.ranks[0]] for i in target.instances if i.ranks[0] in ranks]
         cutover = sum(int(m.get("kv_bytes_moved", 0)) for m in members)
         return {"op": job.kind, "ranks": list(ranks), "instances": instances,
                 # all the KV this transformation sent between ranks (pre-copy included)
@@ -232,8 +234,8 @@ class Transformer:
                 **{key: sum(int(m.get(key, 0)) for m in members)
                    for key in ("weight_bytes_released", "weight_bytes_restored")
                    if any(key in m for m in members)},
-                "requests_moved": {"running": int(members[0].get("running", 0)),
-                                   "waiting": int(members[0].get("waiting", 0))},
+                "requests_moved": {key: sum(int(m.get(key, 0)) for m in leaders)
+                                   for key in ("running", "waiting")},
                 **({"precopy": _precopy_totals(members)} if staged is not None else
                    {"precopy": {"skipped": skipped[0]}} if skipped else {}),
                 "elapsed_ms": phases, "held_requests_sent": held, "ready_polls": polls,
