@@ -5,11 +5,14 @@ replica: its time to first token in both cases, side by side in one run.
 
 One dp 2 Gyges server (tiny Llama, float32, CPU, 1024 KV slots per replica, the gyges
 policy). Each round: the long request alone (1500-token prompt: it fits no replica, so the
-scheduler merges), wait for the split back; then four clients keep sending JSON-schema
-requests (600-token prompts, up to 200 constrained tokens) to both replicas, and the same
-long request is sent under that load. Before issue 13 a running grammar request held every
-merge (the long request waited for the structured-output traffic to drain: 9.4 s against
-0.6 s); now grammars move with the merge. Goal: TTFT under load within 1.5x of alone.
+scheduler merges), wait for the split back; then four clients keep sending plain requests
+(600-token prompts, up to 200 tokens) to both replicas and the same long request is sent
+under that load; then the same with JSON-schema requests of those sizes. The plain load is
+the control: the issue asks that the long request be placed and completed as if the
+structured-output requests were plain ones. Before issue 13 a running grammar request held
+every merge (the long request waited for the structured-output traffic to drain: 9.4 s
+against 0.6 s); now grammars move with the merge. Goal: TTFT under grammar load within 1.5x
+of alone (``median_ratio``); ``grammar_vs_plain`` is grammar load over plain load.
 """
 from __future__ import annotations
 
@@ -52,12 +55,13 @@ def _ttft(url: str, ids: list[int], new: int = 8) -> float:
     return first
 
 
-def _client(url: str, i: int, stop: threading.Event, done: list[int]) -> None:
+def _client(url: str, i: int, stop: threading.Event, done: list[int], grammar: bool) -> None:
     n = 0
     while not stop.is_set():
         ids = [(7 * i + 13 * j + n) % 600 + 5 for j in range(600)]
-        body = {"input_ids": ids, "sampling_params": {
-            "temperature": 0, "max_new_tokens": 200, "json_schema": SCHEMA}}
+        sampling = {"temperature": 0, "max_new_tokens": 200,
+                    **({"json_schema": SCHEMA} if grammar else {})}
+        body = {"input_ids": ids, "sampling_params": sampling}
         requests.post(url + "/generate", json=body, timeout=300).raise_for_status()
         n += 1
         done[i] += 1
@@ -78,30 +82,37 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    alone, loaded, grammar_done = [], [], 0
+    alone, grammar_done = [], 0
+    loaded: dict[bool, list[float]] = {True: [], False: []}
     with SGLangServer(tiny_model(), dp_size=2, gyges=True, max_total_tokens=SLOTS,
                       extra_args=("--gyges-split-hold-down", "2")) as srv:
         for _ in range(args.rounds):
             _wait_split(srv.url)
             alone.append(_ttft(srv.url, LONG))
-            _wait_split(srv.url)
-            stop, done = threading.Event(), [0] * 4
-            clients = [threading.Thread(target=_client, args=(srv.url, i, stop, done))
-                       for i in range(4)]
-            for c in clients:
-                c.start()
-            time.sleep(3.0)  # every replica decoding structured output
-            loaded.append(_ttft(srv.url, LONG))
-            stop.set()
-            for c in clients:
-                c.join(timeout=300)
-            grammar_done += sum(done)
-    ratio = statistics.median(loaded) / statistics.median(alone)
+            for grammar in (False, True):
+                _wait_split(srv.url)
+                stop, done = threading.Event(), [0] * 4
+                clients = [threading.Thread(target=_client,
+                                            args=(srv.url, i, stop, done, grammar))
+                           for i in range(4)]
+                for c in clients:
+                    c.start()
+                time.sleep(3.0)  # every replica decoding (structured) output
+                loaded[grammar].append(_ttft(srv.url, LONG))
+                stop.set()
+                for c in clients:
+                    c.join(timeout=300)
+                if grammar:
+                    grammar_done += sum(done)
+    ratio = statistics.median(loaded[True]) / statistics.median(alone)
+    vs_plain = statistics.median(loaded[True]) / statistics.median(loaded[False])
     result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
               "command": "PYTHONPATH=python python benchmark/blocked_merge.py "
                          f"--rounds {args.rounds}",
-              "ttft_alone_s": alone, "ttft_under_grammar_load_s": loaded,
-              "median_ratio": round(ratio, 3), "grammar_requests_completed": grammar_done,
+              "ttft_alone_s": alone, "ttft_under_plain_load_s": loaded[False],
+              "ttft_under_grammar_load_s": loaded[True],
+              "median_ratio": round(ratio, 3), "grammar_vs_plain": round(vs_plain, 3),
+              "grammar_requests_completed": grammar_done,
               "goal": "median_ratio <= 1.5"}
     print(json.dumps(result, indent=1))
     if args.out:

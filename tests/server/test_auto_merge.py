@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from gyges.testing.clients import generate_ids
+from gyges.testing.clients import generate_ids, wait_until_streaming
 from gyges.testing.server import SGLangServer, tiny_model
 from gyges.testing.tiny_model import LLAMA_GQA
 
@@ -22,6 +22,9 @@ HOLD_DOWN_S = 2.0
 LONG = [[(7 * i + 13 * j) % 300 + 5 for j in range(n)] for i, n in enumerate((1500, 1900))]
 SHORT = [[5, 9, 11, 40], [(3 * j) % 200 + 7 for j in range(30)]]
 NEW_TOKENS = 16
+# The session request that holds the merge: as long as one replica allows (3 + 1000 of its
+# 1016 usable slots), about 5 s of ~5 ms decode steps here.
+BLOCKER_TOKENS = 1000
 
 
 def status(url: str) -> dict:
@@ -69,8 +72,9 @@ def test_abort_of_a_request_held_for_a_merge(srv):
     with ThreadPoolExecutor(2) as pool:
         blocker = pool.submit(post_generate, srv.url, {
             "input_ids": [7, 8, 9], "session_params": {"id": sid}, "sampling_params": {
-                "max_new_tokens": 300, "ignore_eos": True, "frequency_penalty": 0.1}})
-        time.sleep(1.0)
+                "max_new_tokens": BLOCKER_TOKENS, "ignore_eos": True,
+                "frequency_penalty": 0.1}})
+        wait_until_streaming(srv.url, 1)
         # 900 prompt + 300 new > one replica's 1016 usable slots: it needs TP2.
         held = pool.submit(post_generate, srv.url, {
             "rid": "gyges-held-long", "input_ids": [11] * 900,
@@ -93,8 +97,8 @@ def test_abort_of_a_request_held_for_a_merge(srv):
         assert r.status_code == 200
         out = held.result(timeout=120)
         assert out["meta_info"]["finish_reason"]["type"] == "abort", out
-        assert out["meta_info"]["completion_tokens"] == 0
-        assert blocker.result(timeout=120)["meta_info"]["completion_tokens"] == 300
+        assert out["meta_info"]["completion_tokens"] == 0, (out["meta_info"], blocker.done())
+        assert blocker.result(timeout=120)["meta_info"]["completion_tokens"] == BLOCKER_TOKENS
     requests.post(srv.url + "/close_session", json={"session_id": sid}, timeout=30)
     st = status(srv.url)["scheduler"]
     assert st["pending"] == [] and st["reserved"] == []
