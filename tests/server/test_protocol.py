@@ -87,27 +87,40 @@ def test_over_full_merge_is_refused_and_streams_finish_exactly(both_keys):
     url, user = both_keys.url, _bearer(USER)
     prompts = [[(11 * i + 5 * j) % 300 + 5 for j in range(8 + 3 * i)] for i in range(12)]
     ref = [stream_generate(url, p, NEW, headers=user)[-1]["output_ids"] for p in prompts]
-    threads, got = start_streams(url, prompts, NEW, min_chunks=2, headers=user)
-    r = requests.post(url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120,
-                      headers=_bearer(ADMIN))
-    if r.status_code == 409:
-        # the refusal names how many requests ran at the vote: more than 6 met the merge
-        assert "request rows" in r.json()["error"], r.text
-        running = int(r.json()["error"].split(" would run ")[1].split()[0])
-        assert running > 6, r.text
-    else:  # fewer than 7 still ran at the vote (a loaded machine): absorbed, exactly
-        assert r.status_code == 200, r.text
-        assert 1 <= r.json()["requests_moved"]["running"] <= 6, r.text
-        r = requests.post(url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120,
+    met_live_work = []
+    # A merge that came after every stream had ended (a slow client on a loaded machine:
+    # CI saw it once) proves nothing; it is split back and the round runs again.
+    for _ in range(3):
+        threads, got = start_streams(url, prompts, NEW, min_chunks=2, headers=user)
+        ended = sum(bool(c[-1]["meta_info"].get("finish_reason")) for c in got.values())
+        r = requests.post(url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120,
                           headers=_bearer(ADMIN))
-        assert r.status_code == 200, r.text
-    for t in threads:
-        t.join(timeout=300)
-    for i, want in enumerate(ref):
-        assert got[i][-1]["output_ids"] == want, f"stream {i} diverged"
-        assert got[i][-1]["meta_info"]["finish_reason"]["type"] == "length"
-    st = requests.get(url + "/gyges/status", headers=user, timeout=30).json()
-    assert [i["tp"] for i in st["instances"]] == [1, 1] and not st["out_of_service"]
+        if r.status_code == 409:
+            # the refusal names how many requests ran at the vote: more than 6 met the merge
+            assert "request rows" in r.json()["error"], r.text
+            running = int(r.json()["error"].split(" would run ")[1].split()[0])
+            assert running > 6, r.text
+            met_live_work.append(running)
+        else:  # at most 6 still ran at the vote (a loaded machine): absorbed, exactly
+            assert r.status_code == 200, r.text
+            moved = r.json()["requests_moved"]["running"]
+            assert moved <= 6, r.text
+            if moved:
+                met_live_work.append(moved)
+            r = requests.post(url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120,
+                              headers=_bearer(ADMIN))
+            assert r.status_code == 200, r.text
+        for t in threads:
+            t.join(timeout=300)
+        for i, want in enumerate(ref):
+            assert got[i][-1]["output_ids"] == want, f"stream {i} diverged"
+            assert got[i][-1]["meta_info"]["finish_reason"]["type"] == "length"
+        st = requests.get(url + "/gyges/status", headers=user, timeout=30).json()
+        assert [i["tp"] for i in st["instances"]] == [1, 1] and not st["out_of_service"]
+        if met_live_work:
+            break
+    assert met_live_work, f"every merge came after the streams ended ({ended} had ended " \
+                          f"when the last merge was sent)"
 
 
 def test_split_that_would_strand_a_request_is_refused(both_keys):
