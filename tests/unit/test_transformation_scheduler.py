@@ -340,12 +340,17 @@ def test_baselines_merge_on_demand_too(policy):
     assert sent[0][1] == host.started[0][1][0]
 
 
-def test_aborted_held_requests_are_sent_then_aborted_and_their_merge_is_unused():
+def test_aborted_held_requests_are_sent_marked_aborted_and_their_merge_is_unused():
     sched, host, clock, sent = make()
     submit(sched, sent, "long", 1500)
     sched.tick()  # merging (0, 1)
+    aborts_at_send = []
+    original_send = sched.pending[0].send
+    sched.pending[0].send = lambda leader: (aborts_at_send.extend(host.aborts),
+                                            original_send(leader))
     assert sched.abort("long") == 1
     assert sent == [("long", 2)] and host.aborts == [("long", 2)]  # a live instance
+    assert aborts_at_send == [("long", 2)]  # the host knew before the send: marked
     assert not sched.pending and not sched.reservations
     host.finish()
     sched.tick()  # the merge completes unused; it splits after the hold-down
@@ -362,7 +367,7 @@ def test_abort_of_a_request_held_in_the_gate_waits_for_a_live_instance():
     sched.tick()  # every rank paused: "short" is in the gate
     assert sched.abort("", abort_all=True) == 2
     assert sent == [] and host.aborts == []
-    host.finish()  # the gate releases both: each is sent, then its abort
+    host.finish()  # the gate releases both: each is marked aborted, then sent
     assert sorted(sent) == sorted(host.aborts) == [("long", 0), ("short", 0)]
     assert not sched.pending and not sched.reservations
 

@@ -72,7 +72,8 @@ class SchedulerHost(Protocol):
     def start(self, op: str, ranks: tuple[int, ...]) -> int: ...  # job id; ControlError
     def poll(self, job: int) -> Message | None: ...  # None: running; ControlError: failed
     def hold(self, fn: Callable[[], None]) -> bool: ...  # until no rank is paused
-    def abort(self, leader: int, rid: str) -> None: ...  # send an abort after the request
+    # ``rid``, about to be sent to ``leader``, was aborted: it must end there unserved
+    def abort(self, leader: int, rid: str) -> None: ...
 
 
 class SchedulerMetrics(Protocol):
@@ -146,8 +147,9 @@ class TransformationScheduler:
 
     def abort(self, rid: str, abort_all: bool = False) -> int:
         """The client aborted ``rid`` (or everything): a held request is sent at once to a
-        live instance and the abort after it, so SGLang there finishes it and answers the
-        client (the tokenizer waits for that answer). Returns how many were held."""
+        live instance, marked aborted, so SGLang there ends it from its waiting queue before
+        any step runs and answers the client (the tokenizer waits for that answer). Returns
+        how many were held."""
         with self.lock:
             mine = [p for p in self.pending if abort_all or p.rid == rid]
             for p in mine:
@@ -271,8 +273,8 @@ class TransformationScheduler:
             p.held = self.host.hold(lambda: self._release(p))
             return
         target = min(live, key=lambda i: (i.used_tokens, i.leader))
+        self.host.abort(target.leader, p.rid)  # before the send, so it goes marked
         self._dispatch(p, target.leader, host, Wait("aborted by the client"), kind="aborted")
-        self.host.abort(target.leader, p.rid)
 
     def _give_up(self, p: Pending, reason: str, d: Decision | None = None) -> None:
         """Forward to the largest unpaused instance; SGLang's own limits answer there.

@@ -35,6 +35,7 @@ from gyges.control.health import HostHealth, watch_schedulers
 from gyges.control.metrics import PrometheusMetrics
 from gyges.control.scheduler import TransformationScheduler
 from gyges.core.request_limits import request_need
+from gyges.hooks.scheduler import HELD_ABORT_MARK
 from gyges.hooks.server_args import gyges_config
 from gyges.host_controller import HostController, RankLoad
 from gyges.topology import Topology
@@ -191,10 +192,9 @@ class DpSchedulerHost:
             return True
 
     def abort(self, leader: int, rid: str) -> None:
-        from sglang.srt.managers.io_struct import AbortReq, sock_send
-
+        """``rid`` is sent next (by the scheduler's ``_dispatch``): mark it aborted."""
         with self.gate.lock:
-            sock_send(self.controller.workers[self.gate.route_to(leader)], AbortReq(rid=rid))
+            _aborted_rids(self.controller).add(rid)
 
 
 def around_dispatching_with_trace(original: Callable[..., Any], controller: Any, req: Any,
@@ -252,7 +252,22 @@ def _send(controller: Any, original: Callable[..., Any], req: Any, args: tuple[A
             gate.hold(_send, (controller, original, req, args, kwargs, leader))
             return
         req.routed_dp_rank = target
+        aborted = str(req.rid) in _aborted_rids(controller)
+        if aborted:  # its scheduler ends it on arrival, before any step (hooks/scheduler)
+            _aborted_rids(controller).discard(str(req.rid))
+            req.routing_key = HELD_ABORT_MARK
         original(controller, req, *args, **kwargs)
+        if aborted:  # and SGLang's own abort after it, should the mark be missed
+            from sglang.srt.managers.io_struct import AbortReq, sock_send
+
+            sock_send(controller.workers[target], AbortReq(rid=req.rid))
+
+
+def _aborted_rids(controller: Any) -> set[str]:
+    """Held requests whose clients aborted them, until they are sent (gate lock held)."""
+    if not hasattr(controller, "_gyges_aborted_rids"):
+        controller._gyges_aborted_rids = set()
+    return controller._gyges_aborted_rids
 
 
 def need_of(req: Any) -> int:

@@ -18,6 +18,9 @@ from gyges.control.commands import CommandClient, command_address
 from gyges.hooks.server_args import gyges_config
 
 TARGET = "sglang.srt.managers.scheduler.Scheduler"
+# The routing key of a request the controller sends only to have it ended (its client
+# aborted it while it was held for a transformation); SGLang's scheduler never reads it.
+HELD_ABORT_MARK = "gyges:aborted-while-held"
 logger = logging.getLogger(__name__)
 
 
@@ -71,12 +74,29 @@ def comm_check(pool: CommunicatorPool, msg: Message) -> Message:
     return {"result": check.result, "elapsed_ms": check.elapsed_ms}
 
 
-def after_ingest_requests(_result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    """Once per event-loop iteration: run pending controller commands (non-blocking on
-    a TP1 rank; a merged instance's leader relays them to its followers)."""
+def after_ingest_requests(received: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """Once per event-loop iteration: end the requests the controller sent marked aborted,
+    then run pending controller commands (non-blocking on a TP1 rank; a merged instance's
+    leader relays them to its followers)."""
+    _abort_marked(scheduler, received or ())
     member = getattr(scheduler, "_gyges_member", None)
     if member is not None:
         member.poll()
+
+
+def _abort_marked(scheduler: Any, received: Any) -> None:
+    """A request its client aborted while the controller held it arrives marked
+    (``routing_key`` is :data:`HELD_ABORT_MARK`); it is ended from the waiting queue before
+    this iteration's step, so it is answered unserved. Every rank of an instance receives
+    the same requests, so every rank ends it."""
+    from sglang.srt.managers.io_struct import AbortReq
+
+    for recv in received:
+        for req in type(scheduler)._tokenized_requests(recv):
+            if getattr(req, "routing_key", None) == HELD_ABORT_MARK:
+                logger.info("gyges: request %s arrived aborted (its client aborted it while "
+                            "it was held for a transformation): ended unserved", req.rid)
+                scheduler.abort_request(AbortReq(rid=req.rid))
 
 
 def after_is_disable_overlap_for_batch(result: bool, scheduler: Any, batch: Any = None,
