@@ -11,6 +11,7 @@ from gyges.testing.server import SGLangServer, tiny_model
 from gyges.testing.tiny_model import LLAMA_GQA
 
 PROMPTS = [[(5 * i + 3 * j) % 300 + 5 for j in range(n)] for i, n in enumerate((8, 21, 13, 30))]
+NEW = 400  # the streams outlast the merge and the split on a fast machine too
 
 
 def test_replicas_agree_on_kv_capacity_and_merge_exactly():
@@ -19,8 +20,8 @@ def test_replicas_agree_on_kv_capacity_and_merge_exactly():
         st = requests.get(srv.url + "/gyges/status", timeout=30).json()
         caps = [i["capacity_tokens"] for i in st["instances"]]
         assert len(caps) == 2 and caps[0] == caps[1] and caps[0] > 4096, caps
-        want = [stream_generate(srv.url, p, 80)[-1]["output_ids"] for p in PROMPTS]
-        threads, got = start_streams(srv.url, PROMPTS, 80, min_chunks=3)
+        want = [stream_generate(srv.url, p, NEW)[-1]["output_ids"] for p in PROMPTS]
+        threads, got = start_streams(srv.url, PROMPTS, NEW, min_chunks=3)
         r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["requests_moved"]["running"] >= 2, r.json()["requests_moved"]

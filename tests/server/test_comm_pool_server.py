@@ -140,8 +140,8 @@ def test_hierarchical_merge_and_split_with_requests_in_flight(dp4, baseline):
 
     prompts = [[(11 * i + 7 * j) % 500 + 3 for j in range(n)]
                for i, n in enumerate((5, 17, 30, 8, 12, 41, 3, 22))]
-    ref = [stream_generate(dp4.url, p, 90)[-1]["output_ids"] for p in prompts]
-    threads, got = start_streams(dp4.url, prompts, 90)
+    ref = [stream_generate(dp4.url, p, 300)[-1]["output_ids"] for p in prompts]
+    threads, got = start_streams(dp4.url, prompts, 300)
     steps = [("merge", [0, 1], [[0, 1], [2], [3]]), ("merge", [2, 3], [[0, 1], [2, 3]]),
              ("merge", [0, 1, 2, 3], [[0, 1, 2, 3]]), ("split", [0, 1, 2, 3], [[0, 1], [2, 3]]),
              ("split", [0, 1], [[0], [1], [2, 3]]), ("split", [2, 3], [[0], [1], [2], [3]])]

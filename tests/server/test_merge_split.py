@@ -125,8 +125,9 @@ def test_streams_in_flight_survive_merge_and_split(srv, baseline):
     output equals the one produced without transformations; none is retracted."""
     prompts = [[(7 * i + 13 * j) % 300 + 5 for j in range(n)] for i, n in
                enumerate((9, 24, 40, 5))]
-    ref = [stream_generate(srv.url, p, 60)[-1] for p in prompts]
-    threads, got = start_streams(srv.url, prompts, 60, min_chunks=3)
+    # 300 tokens (~1.5 s at 5 ms steps): the streams outlast the merge and the split
+    ref = [stream_generate(srv.url, p, 300)[-1] for p in prompts]
+    threads, got = start_streams(srv.url, prompts, 300, min_chunks=3)
     out = merge(srv.url)
     assert out["requests_moved"]["running"] >= 2 and out["kv_bytes_moved"] > 0, out
     time.sleep(0.3)

@@ -10,7 +10,7 @@ import json
 import pytest
 import requests
 
-from gyges.testing.clients import start_streams, stream_generate, wait_for_more_chunks
+from gyges.testing.clients import split_all, start_streams, stream_generate, wait_for_more_chunks
 from gyges.testing.logit_processors import NoRepeatLastToken
 from gyges.testing.server import SGLangServer, tiny_model
 
@@ -134,6 +134,17 @@ def srv_sync(model):
         yield s
 
 
+@pytest.fixture
+def split_after():
+    """Tests merge and split one shared server: whatever happens in a test, its hosts are
+    split back after it (a failure between a merge and its split left the next tests a
+    merged group: "ranks [0, 1] already form one TP2 instance")."""
+    urls: list[str] = []
+    yield urls.append
+    for url in urls:
+        split_all(url)
+
+
 def _warm_grammars(url: str) -> None:
     """Compile each grammar on both replicas first (SGLang caches compiled grammars), so
     the streams below start together and all are still running at the merge."""
@@ -145,8 +156,10 @@ def _warm_grammars(url: str) -> None:
 
 
 @slow_kinds
-def test_every_request_kind_moves_across_merge_and_split(srv_sync, stock_outputs):
+def test_every_request_kind_moves_across_merge_and_split(srv_sync, stock_outputs,
+                                                         split_after):
     srv = srv_sync
+    split_after(srv.url)
     assert [o["meta_info"]["completion_tokens"] for o in stock_outputs][:3] != [0, 0, 0]
     _warm_grammars(srv.url)
     # pinned to alternate replicas: both serve every kind of request when the merge comes.
@@ -230,14 +243,17 @@ def _generate(url: str, ids: list[int], rank: int | None = None, new: int = 4) -
     return r.json()
 
 
-def test_prefix_cache_survives_merge_and_split(srv):
+def test_prefix_cache_survives_merge_and_split(srv, split_after):
     """A 600-token prefix cached on both replicas is a cache hit after the merge (on the
     merged instance) and after the split (on the half that holds its pages)."""
+    split_after(srv.url)
     prefix = [(17 * j) % 500 + 5 for j in range(600)]
     for rank in (0, 1):
         _generate(srv.url, prefix + [7, rank + 8], rank)
         assert _generate(srv.url, prefix + [9, rank], rank)["meta_info"]["cached_tokens"] >= 600
-    threads, _ = start_streams(srv.url, PROMPTS[:2], 200, min_chunks=3)
+    # 1500 tokens: the streams must outlast the merge, the cache probe and the split (200
+    # had ended before the merge on CI's machine at 526be0f)
+    threads, _ = start_streams(srv.url, PROMPTS[:2], 1500, min_chunks=3)
     r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -255,7 +271,7 @@ def test_prefix_cache_survives_merge_and_split(srv):
         t.join(timeout=300)
 
 
-PENALTY_NEW = 300
+PENALTY_NEW = 600  # the stream outlasts the merge, 60 chunks at TP2 and the split
 
 
 @pytest.fixture(scope="module")
@@ -267,11 +283,12 @@ def stock_penalties(model):
 
 
 @pytest.mark.parametrize("kind", sorted(PENALTY_KINDS))
-def test_penalty_state_moves_under_overlap(srv, stock_penalties, kind):
+def test_penalty_state_moves_under_overlap(srv, stock_penalties, kind, split_after):
     """One penalized stream through a merge and a split with SGLang's overlap scheduler:
     token for token and logprobs within 1e-5 of stock. The penalizers' rows are copied,
     and the step the settle processed early cumulates the token SGLang's loop would have
     (gyges.switch.request_state); a replay of the outputs was one token off here."""
+    split_after(srv.url)
     i = list(KINDS).index(kind)
     threads, got = start_streams(srv.url, [PROMPTS[i]], PENALTY_NEW, min_chunks=40,
                                  extras=[{**_extra(kind), "routed_dp_rank": 1}],

@@ -130,3 +130,20 @@ def wait_for_more_chunks(got: dict[int, list[dict]], chunks: int,
               for i, c in got.items()):
         assert time.monotonic() < deadline, "streams stalled"
         time.sleep(0.05)
+
+
+def split_all(url: str, timeout_s: float = 120.0) -> None:
+    """Split every merged instance of the host back to TP1 replicas (test cleanup: a test
+    that failed between its merge and its split must not leave the next test a merged
+    group). Errors are ignored; each call is bounded by ``timeout_s``."""
+    try:
+        st = requests.get(url + "/gyges/status", timeout=30).json()
+    except (requests.RequestException, ValueError):
+        return
+    for inst in st.get("instances", []):
+        if len(inst.get("ranks", [])) > 1:
+            try:
+                requests.post(url + "/gyges/split", json={"ranks": inst["ranks"]},
+                              timeout=timeout_s)
+            except requests.RequestException:
+                pass
