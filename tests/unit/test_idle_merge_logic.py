@@ -168,7 +168,10 @@ class MovingBus(FakeBus):
         out = super().run(ranks, msg, timeout_s, stop)
         for r, n in self.counts.get(msg["op"], {}).items():
             if r in out:
-                out[r].update(running=n, waiting=1)
+                # a parked chunked prefill is reported by every rank of its old instance:
+                # here TP2 [0, 1]'s in the merge to TP4, and the TP4's in its split
+                parked = msg["op"] == "split" or (len(ranks) == 4 and r < 2)
+                out[r].update(running=n, waiting=1, chunked_prefills_parked=int(parked))
         return out
 
 
@@ -178,10 +181,12 @@ def test_requests_moved_counts_the_merged_instance_once_and_both_halves_of_a_spl
     for a, b in ((0, 1), (2, 3)):
         finish(tr, tr.start({"op": "merge", "ranks": [a, b]})["job"])
     res = finish(tr, tr.start({"op": "merge", "ranks": [0, 1, 2, 3]})["job"])
-    assert res["requests_moved"] == {"running": 3, "waiting": 1}
-    # TP4 -> 2 x TP2: one count per half (its leader's), not one per member
+    # TP2 [0, 1] parked its chunked prefill (both its ranks say so): one request
+    assert res["requests_moved"] == {"running": 3, "waiting": 1, "chunked_prefills": 1}
+    # TP4 -> 2 x TP2: one count per half (its leader's), not one per member; the TP4's
+    # four ranks each report its one parked prefill
     res = finish(tr, tr.start({"op": "split", "ranks": [0, 1, 2, 3]})["job"])
-    assert res["requests_moved"] == {"running": 3, "waiting": 2}
+    assert res["requests_moved"] == {"running": 3, "waiting": 2, "chunked_prefills": 1}
 
 
 def test_precopy_then_cutover_with_precopy_and_its_figures():

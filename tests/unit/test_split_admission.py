@@ -13,12 +13,12 @@ def _req(rid: str, prompt: int, new: int | None) -> NS:
               sampling_params=NS(max_new_tokens=new))
 
 
-def _scheduler(running=(), waiting=(), slots=512, page=1) -> NS:
+def _scheduler(running=(), waiting=(), slots=512, page=1, last=None, chunked=None) -> NS:
     pool = NS(gyges_kv_layout="head_major", gyges_k_layout=NS(slots_per_replica=slots),
               page_size=page)
     return NS(tp_worker=NS(model_runner=NS(token_to_kv_pool=pool)),
               running_batch=NS(reqs=list(running), batch_is_full=False),
-              waiting_queue=list(waiting))
+              waiting_queue=list(waiting), last_batch=last, chunked_req=chunked)
 
 
 def test_capacity_of_a_half():
@@ -47,6 +47,15 @@ def test_a_running_request_counts_its_whole_budget():
 def test_unset_max_new_tokens_counts_the_default():
     s = _scheduler(waiting=[_req("d", 1000, None)])  # 1000 + 128 > 1015
     assert "d needs 1128" in oversized(s, 2)
+
+
+def test_the_last_extend_batch_and_a_chunked_prefill_count():
+    # neither is in the running batch or the queue when the prepare step runs; the settle
+    # folds the one in and parks the other in a half's queue
+    extend = NS(reqs=[_req("fresh", 1200, 4)], forward_mode=NS(is_extend=lambda: True))
+    extend.reqs[0].finished = lambda: False
+    assert "fresh needs 1204" in oversized(_scheduler(last=extend), 2)
+    assert "doc needs 3000" in oversized(_scheduler(chunked=_req("doc", 2990, 10)), 2)
 
 
 def test_stall_watch_reports_a_queue_that_does_not_move_once():

@@ -234,8 +234,10 @@ class Transformer:
                 **{key: sum(int(m.get(key, 0)) for m in members)
                    for key in ("weight_bytes_released", "weight_bytes_restored")
                    if any(key in m for m in members)},
-                "requests_moved": {key: sum(int(m.get(key, 0)) for m in leaders)
-                                   for key in ("running", "waiting")},
+                "requests_moved": {**{key: sum(int(m.get(key, 0)) for m in leaders)
+                                      for key in ("running", "waiting")},
+                                   # counted in "waiting" too (a parked prefill waits)
+                                   "chunked_prefills": _parked(job.kind, ranks, members)},
                 **({"precopy": _precopy_totals(members)} if staged is not None else
                    {"precopy": {"skipped": skipped[0]}} if skipped else {}),
                 "elapsed_ms": phases, "held_requests_sent": held, "ready_polls": polls,
@@ -334,6 +336,13 @@ def _summary(job: Job) -> Message:
                     "cutover_kv_bytes": res.get("cutover_kv_bytes", 0),
                     "precopy": res.get("precopy"), "requests_moved": res["requests_moved"]})
     return out
+
+
+def _parked(kind: str, ranks: tuple[int, ...], members: list[Message]) -> int:
+    """Chunked prefills in flight that the transformation parked and moved (every rank of
+    an old instance reports its instance's one)."""
+    per_instance = len(ranks) // 2 if kind == "merge" else len(ranks)
+    return sum(int(m.get("chunked_prefills_parked", 0)) for m in members) // per_instance
 
 
 def _precopy_totals(members: list[Message]) -> Message:

@@ -103,7 +103,13 @@ def oversized(scheduler: Any, k: int) -> str | None:
     s = scheduler
     pool = pool_of(s)
     room = usable_tokens(capacity_at(pool, k), int(pool.page_size))
-    for req in (*s.running_batch.reqs, *s.waiting_queue):
+    reqs = [*s.running_batch.reqs, *s.waiting_queue]
+    lb = s.last_batch  # an extend batch the settle folds in, a chunked prefill it parks
+    if lb is not None and lb is not s.running_batch and lb.forward_mode.is_extend():
+        reqs += [q for q in lb.reqs if not q.finished()]
+    if s.chunked_req is not None:
+        reqs.append(s.chunked_req)
+    for req in reqs:
         need = request_need(len(req.origin_input_ids),
                             getattr(req.sampling_params, "max_new_tokens", None))
         if need > room:

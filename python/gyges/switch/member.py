@@ -39,7 +39,7 @@ from gyges.core.migration_plan import (
     plan_split,
 )
 from gyges.core.transfer_plan import plan_digest
-from gyges.switch import capacity, migration, scheduler_state
+from gyges.switch import capacity, chunked, migration, scheduler_state
 from gyges.switch import model as model_switch
 from gyges.switch import precopy as precopy_mod
 from gyges.switch.group import PooledGroupCoordinator, broadcast_json
@@ -264,10 +264,10 @@ class GroupMember:
         pc = self._precopy_for("merge", ranks) if msg.get("precopy") else None
         mine = self._prepare("merge", k, k_old)
         ph.mark("prepare_ms")
-        work = migration.Work()
+        work, parked = migration.Work(), None
         if mine.ok:
             try:
-                migration.settle(s)
+                parked = migration.settle(s)
                 ph.mark("settle_ms")
                 slots = capacity.slots_per_replica(capacity.pool_of(s))
                 offset = merge_offset(r // k_old, k_old, slots)
@@ -347,7 +347,7 @@ class GroupMember:
                 "kv_bytes_moved": moved.bytes_sent, "kv_bytes_local": moved.bytes_local,
                 **self._precopy_done(pc, staged),
                 "sliced_weight_bytes": weight_bytes, "weight_bytes_released": released,
-                **moved_reqs}
+                "chunked_prefills_parked": int(parked is not None), **moved_reqs}
 
     def on_split(self, msg: Message) -> Message:
         """A TP-k instance becomes its two halves (TP-k/2 each); every running request goes
@@ -364,10 +364,11 @@ class GroupMember:
         pc = self._precopy_for("split", ranks) if msg.get("precopy") else None
         self._vote(group, "split", self._prepare("split", k, k))
         ph.mark("prepare_ms")
-        migration.settle(s)
+        parked = migration.settle(s)
         ph.mark("settle_ms")
         pool = capacity.pool_of(s)
         slots, page = capacity.slots_per_replica(pool), int(pool.page_size)
+        halves_of_waiting = _waiting_halves(s.waiting_queue, parked, k_new * slots)
         req_to_token = s.req_to_token_pool.req_to_token
         running = list(s.running_batch.reqs)
 
@@ -409,7 +410,8 @@ class GroupMember:
             offset = half * k_new * slots
             work = migration.Work([running[i] for i in mine],
                                   [new_rows[i] - offset for i in mine],
-                                  [q for i, q in enumerate(s.waiting_queue) if i % 2 == half],
+                                  [q for q, h in zip(s.waiting_queue, halves_of_waiting,
+                                                     strict=True) if h == half],
                                   cache.halves[half])
             runner = s.tp_worker.model_runner
             padded = model_switch.padded_weights(runner.model)
@@ -448,6 +450,7 @@ class GroupMember:
         return {"tp": k_new, "phases_ms": ph.ms, "clock_s": ph.clock(), "capacity_tokens": cap,
                 "kv_bytes_moved": moved.bytes_sent, "kv_bytes_local": moved.bytes_local,
                 "pages_copied": len(split.copies), **self._precopy_done(pc, staged),
+                "chunked_prefills_parked": int(parked is not None),
                 "prefix_nodes_dropped": cache.dropped_nodes,
                 "prefix_tokens_dropped": cache.dropped_tokens,
                 # all this split restored; a pre-copy restored most before the cutover
@@ -608,6 +611,18 @@ def _written(pool: Any) -> torch.Tensor:
     if mask is None:
         return torch.empty(0, dtype=torch.int64)
     return torch.nonzero(mask).flatten().to("cpu", torch.int64)
+
+
+def _waiting_halves(waiting: list[Any], parked: chunked.Parked | None,
+                    half_slots: int) -> list[int]:
+    """The half each waiting request goes to in a split: alternately, but a parked chunked
+    prefill goes where most of its published prefix is (the tree's nodes follow their
+    pages), so that it resumes from its chunks done."""
+    out = [i % 2 for i in range(len(waiting))]
+    if parked is not None and parked.slots.numel():
+        out[waiting.index(parked.req)] = int(
+            torch.bincount(parked.slots // half_slots, minlength=2).argmax())
+    return out
 
 
 def _plan_inputs(built: Any) -> str:

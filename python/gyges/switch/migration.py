@@ -21,9 +21,10 @@ identically on every member, the scheduler state of the new instance:
 - the waiting queue concatenated in member order.
 
 Every request kind moves: grammars are rebuilt and advanced, penalizer state replayed
-(:mod:`gyges.switch.request_state`). What cannot (multimodal or session state, a chunked
-prefill in flight, speculative decoding, overlap scheduling) makes :func:`not_movable`
-answer why; the transformation then waits or refuses.
+(:mod:`gyges.switch.request_state`); a chunked prefill in flight is parked after its chunk
+(:mod:`gyges.switch.chunked`). What cannot move (multimodal or session state, speculative
+decoding, a chunked prefill that cannot be parked) makes :func:`not_movable` answer why;
+the transformation then waits or refuses.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from gyges.switch import prefix_cache, request_state
+from gyges.switch import chunked, prefix_cache, request_state
 from gyges.switch.capacity import set_free_pages
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,9 @@ def not_movable(s: Any) -> str | None:
     """Why this scheduler's work cannot be moved right now (None: it can)."""
     if not s.spec_algorithm.is_none():
         return "speculative decoding is not supported by live merge/split"
-    if s.chunked_req is not None:
-        return "a chunked prefill is in progress"
+    why = chunked.why_not_parkable(s)
+    if why is not None:
+        return f"a chunked prefill is in progress and cannot be parked: {why}"
     lb = s.last_batch
     reqs = list(s.running_batch.reqs) + list(s.waiting_queue)
     if lb is not None and lb.forward_mode.is_extend():
@@ -86,7 +88,7 @@ def _req_not_movable(req: Any) -> str | None:
     return None
 
 
-def settle(s: Any) -> None:
+def settle(s: Any) -> chunked.Parked | None:
     """Process the step in flight (overlap scheduler), fold the last extend batch into the
     running batch and drop finished requests.
 
@@ -96,7 +98,9 @@ def settle(s: Any) -> None:
     the moved work is that of a settled step. ``last_batch`` is cleared, so the loop does
     not pop again; serving resumes overlapped with the next step. The penalizers' rows are
     captured with the token the next step would have cumulated for the requests of the
-    step settled here (:mod:`gyges.switch.request_state`).
+    step settled here (:mod:`gyges.switch.request_state`). A chunked prefill in flight
+    stays out of the running batch (as SGLang's loop keeps it) and is parked
+    (:func:`gyges.switch.chunked.park`); it is returned.
     """
     queue = getattr(s, "result_queue", None)
     while queue:
@@ -107,7 +111,7 @@ def settle(s: Any) -> None:
                     len(batch.reqs))
     lb = s.last_batch
     if lb is not None and lb.forward_mode.is_extend() and lb is not s.running_batch:
-        lb.filter_batch()
+        lb.filter_batch(reqs_to_exclude=s.chunked_req)
         if not lb.is_empty():
             if s.running_batch.is_empty():
                 s.running_batch = lb
@@ -116,6 +120,7 @@ def settle(s: Any) -> None:
     s.running_batch.filter_batch()
     s.last_batch = None
     request_state.capture_penalties(s.running_batch)
+    return chunked.park(s)
 
 
 def export_work(s: Any, slot_offset: int = 0) -> Work:

@@ -1,0 +1,96 @@
+"""A chunked prefill in flight across a transformation (issue 13, item 3).
+
+SGLang prefills a long prompt in chunks of ``--chunked-prefill-size`` tokens, one chunk per
+step. Between two chunks the request is ``Scheduler.chunked_req``: in no batch and no queue,
+holding the KV of the chunks done in its ``req_to_token`` row. A merge or split does not
+wait for the remaining chunks (a 100k-token document is dozens of them): once the settle
+has processed the chunk in flight, the request is *parked*:
+
+- the KV of the chunks done is published in the radix cache by SGLang's own
+  ``release_kv_cache(checkpoint=True)`` (what every chunk boundary stashes anyway) and the
+  request's row is freed;
+- the request goes back to the head of the waiting queue as one that has not started.
+
+The prefix cache moves with the transformation like any cached prefix (same plan as the
+KV), so on the new instance the request matches what it computed and prefills only the
+rest: nothing is recomputed but, with page size p, the < p tokens of a partial page. Its
+``cached_tokens`` count stays what stock SGLang reports, and it is not counted as retracted.
+A transformation refused after the park leaves the request to resume the same way on its
+old instance.
+
+Not parked (the transformation waits for the prefill to finish, bounded by the
+controller): a request that returns logprobs (the input logprobs of its chunks done would
+be lost), one being aborted, one barred from the prefix cache, and schedulers whose tree
+this project cannot move (radix cache off, mamba state).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gyges.switch import prefix_cache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Parked:
+    """A chunked prefill handed back to the waiting queue."""
+
+    req: Any
+    slots: torch.Tensor  # KV slots of its chunks done (this instance's ids), now the tree's
+
+
+def why_not_parkable(s: Any) -> str | None:
+    """Why the scheduler's chunked prefill in flight cannot be parked (None: there is
+    none, or it can)."""
+    req = s.chunked_req
+    if req is None:
+        return None
+    tree = prefix_cache.usable_tree(s)
+    if tree is None:
+        return "the prefix cache is off or cannot be moved"
+    supports_mamba = getattr(tree, "supports_mamba", None)
+    if supports_mamba is not None and supports_mamba():
+        return "a mamba state cache"
+    if req.return_logprob:
+        return "it returns logprobs (the input logprobs of its chunks done would be lost)"
+    if getattr(s, "_pending_chunked_abort_req", None) is req:
+        return "it is being aborted"
+    if getattr(req, "skip_radix_cache_insert", False):
+        return "it is barred from the prefix cache"
+    return None
+
+
+def park(s: Any) -> Parked | None:
+    """Park the scheduler's chunked prefill in flight (see the module docstring). Runs after
+    :func:`gyges.switch.migration.settle` processed the chunk in flight and kept the request
+    out of the running batch; the prepare step refused what :func:`why_not_parkable`
+    names."""
+    from sglang.srt.mem_cache.common import release_kv_cache
+
+    req = s.chunked_req
+    if req is None:
+        return None
+    why = why_not_parkable(s)
+    if why is not None:
+        raise RuntimeError(f"chunked prefill {req.rid} cannot be parked: {why}")
+    done = int(req.kv.kv_committed_len)
+    slots = s.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :done].to("cpu", torch.int64)
+    kept = (req.retraction_count, req.is_retracted, req.retracted_stain)
+    computed = int(req.already_computed)
+    release_kv_cache(req, s.tree_cache, checkpoint=True)
+    published = int(req.kv.cache_protected_len)
+    req.reset_for_retract()  # the state of a request that has not started
+    # ... but it was not retracted: its counters and cached-token accounting stay (the
+    # prefix it matches next is its own work, not a cache hit)
+    req.retraction_count, req.is_retracted, req.retracted_stain = kept
+    req.already_computed = min(computed, published)
+    s.chunked_req = None
+    s.waiting_queue.insert(0, req)
+    logger.info("gyges: parked chunked prefill %s: %d of %d prompt tokens done, %d published "
+                "in the prefix cache", req.rid, done, len(req.origin_input_ids), published)
+    return Parked(req, slots[:published])

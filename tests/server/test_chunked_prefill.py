@@ -1,0 +1,139 @@
+"""Issue 13, item 3: a chunked prefill in flight does not hold a merge or a split. The
+transformation parks it after its chunk in flight (its chunks done published in the prefix
+cache, which moves with the KV) and the new instance prefills only the rest
+(gyges.switch.chunked). Outputs equal stock SGLang with the same chunk size, token for
+token; nothing is counted as retracted or cached that stock does not count."""
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+import requests
+
+from gyges.testing.clients import split_all, start_streams, stream_generate
+from gyges.testing.server import SGLangServer, tiny_model
+
+pytestmark = pytest.mark.server
+
+CHUNK = 64
+FLAGS = ("--chunked-prefill-size", str(CHUNK))
+LONG = 2400  # 38 chunks: the prefill spans many steps
+NEW_LONG = 24
+NEW_SHORT = 500  # the short streams outlast the rounds below
+SHORT = [[(7 * i + 3 * j) % 400 + 5 for j in range(n)] for i, n in enumerate((21, 34))]
+ROUNDS = 4
+
+
+def _long_prompt(seed: int) -> list[int]:
+    # tokens 410-1009: no prefix shared with SHORT (5-404), so that cached_tokens compares
+    return [(31 * j + 97 * seed) % 600 + 410 for j in range(LONG)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def srv(model):
+    with SGLangServer(model, dp_size=2, gyges=True, extra_args=FLAGS,
+                      max_total_tokens=8192) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def stock(model):
+    with SGLangServer(model, extra_args=FLAGS, max_total_tokens=8192) as s:
+        yield s
+
+
+def _in_thread(url: str, prompt: list[int], out: list[dict], extra: dict) -> threading.Thread:
+    t = threading.Thread(target=stream_generate, args=(url, prompt, NEW_LONG),
+                         kwargs={"chunks": out, "extra": extra})
+    t.start()
+    return t
+
+
+def _transform_during_prefill(url: str, op: str, rank: int) -> tuple[dict, list[int], list]:
+    """Send long prompts to ``rank`` and ``op`` ranks [0, 1] while one is prefilling, until
+    the transformation parked it (bounded rounds; a round whose prefill had not started or
+    had ended is undone and rerun with another delay). Returns the reply, the long prompts
+    sent and their streams (threads, chunks)."""
+    delay, prompts, streams, log = 0.4, [], [], []
+    undo = "split" if op == "merge" else "merge"
+    for n in range(ROUNDS):
+        prompt, out = _long_prompt(len(prompts) + 10 * (op == "split")), []
+        prompts.append(prompt)
+        streams.append((_in_thread(url, prompt, out, {"routed_dp_rank": rank}), out))
+        time.sleep(delay)
+        r = requests.post(f"{url}/gyges/{op}", json={"ranks": [0, 1]}, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        log.append((delay, body["requests_moved"], len(out), body["elapsed_ms"]))
+        if body["requests_moved"]["chunked_prefills"]:
+            print(f"{op} parked a chunked prefill in round {n + 1}: {log}")
+            return body, prompts, streams
+        # no chunk had run yet (the prompt was still queued) or the prefill had ended
+        delay = delay * 2 if body["requests_moved"]["waiting"] else delay / 2
+        if n + 1 < ROUNDS:
+            r = requests.post(f"{url}/gyges/{undo}", json={"ranks": [0, 1]}, timeout=120)
+            assert r.status_code == 200, r.text
+    pytest.fail(f"no {op} met a chunked prefill in {ROUNDS} rounds: {log}")
+
+
+def _check(stock: SGLangServer, prompts: list[list[int]], streams: list) -> None:
+    for prompt, (thread, out) in zip(prompts, streams, strict=True):
+        thread.join(timeout=300)
+        want = stream_generate(stock.url, prompt, NEW_LONG)[-1]
+        got = out[-1]
+        assert got["output_ids"] == want["output_ids"], "a long request differs from stock"
+        assert got["meta_info"]["cached_tokens"] == want["meta_info"]["cached_tokens"]
+        assert got["meta_info"]["num_retractions"] == 0
+
+
+def _resumed_without_recompute(srv: SGLangServer) -> list[int]:
+    """Each park the server logged, with the tokens it published, was followed by a
+    prefill that found them cached (SGLang logs ``#cached-token``): the new instance did
+    not compute the parked chunks again. Returns the published counts."""
+    log = srv.log_path.read_text(errors="replace")
+    parks = [(m.end(), int(m.group(1))) for m in re.finditer(
+        r"parked chunked prefill \S+: \d+ of \d+ prompt tokens done, (\d+) published", log)]
+    for end, published in parks:
+        assert f"#cached-token: {published}," in log[end:], (
+            f"no prefill reused the {published} tokens a park published")
+    return [p for _, p in parks]
+
+
+@pytest.fixture
+def split_back(srv):
+    yield
+    split_all(srv.url)
+
+
+def test_merge_parks_a_chunked_prefill(srv, stock, split_back):
+    threads, got = start_streams(srv.url, SHORT, NEW_SHORT, min_chunks=3,
+                                 extras=[{"routed_dp_rank": i} for i in range(2)])
+    body, prompts, streams = _transform_during_prefill(srv.url, "merge", rank=0)
+    assert body["requests_moved"]["running"] >= 2, body["requests_moved"]
+    assert body["members"]["0"]["chunked_prefills_parked"] == 1, body["members"]
+    r = requests.post(srv.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120)
+    assert r.status_code == 200, r.text
+    _check(stock, prompts, streams)
+    assert _resumed_without_recompute(srv)
+    for t in threads:
+        t.join(timeout=300)
+    for i, prompt in enumerate(SHORT):
+        want = stream_generate(stock.url, prompt, NEW_SHORT)[-1]["output_ids"]
+        assert got[i][-1]["output_ids"] == want, f"short stream {i} differs from stock"
+
+
+def test_split_parks_a_chunked_prefill(srv, stock, split_back):
+    r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
+    assert r.status_code == 200, r.text
+    body, prompts, streams = _transform_during_prefill(srv.url, "split", rank=0)
+    # both ranks of the merged instance parked the same request: one moved
+    assert body["requests_moved"]["chunked_prefills"] == 1, body
+    _check(stock, prompts, streams)
+    assert _resumed_without_recompute(srv)
