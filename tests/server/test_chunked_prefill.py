@@ -56,7 +56,8 @@ def _in_thread(url: str, prompt: list[int], out: list[dict], extra: dict) -> thr
     return t
 
 
-def _transform_during_prefill(url: str, op: str, rank: int) -> tuple[dict, list[int], list]:
+def _transform_during_prefill(url: str, op: str, rank: int, extra: dict | None = None
+                              ) -> tuple[dict, list[int], list]:
     """Send long prompts to ``rank`` and ``op`` ranks [0, 1] while one is prefilling, until
     the transformation parked it (bounded rounds; a round whose prefill had not started or
     had ended is undone and rerun with another delay). Returns the reply, the long prompts
@@ -66,7 +67,8 @@ def _transform_during_prefill(url: str, op: str, rank: int) -> tuple[dict, list[
     for n in range(ROUNDS):
         prompt, out = _long_prompt(len(prompts) + 10 * (op == "split")), []
         prompts.append(prompt)
-        streams.append((_in_thread(url, prompt, out, {"routed_dp_rank": rank}), out))
+        streams.append((_in_thread(url, prompt, out, {**(extra or {}), "routed_dp_rank": rank}),
+                        out))
         time.sleep(delay)
         r = requests.post(f"{url}/gyges/{op}", json={"ranks": [0, 1]}, timeout=120)
         assert r.status_code == 200, r.text
@@ -83,14 +85,29 @@ def _transform_during_prefill(url: str, op: str, rank: int) -> tuple[dict, list[
     pytest.fail(f"no {op} met a chunked prefill in {ROUNDS} rounds: {log}")
 
 
-def _check(stock: SGLangServer, prompts: list[list[int]], streams: list) -> None:
+def _check(stock: SGLangServer, prompts: list[list[int]], streams: list,
+           extra: dict | None = None) -> None:
     for prompt, (thread, out) in zip(prompts, streams, strict=True):
         thread.join(timeout=300)
-        want = stream_generate(stock.url, prompt, NEW_LONG)[-1]
+        want = stream_generate(stock.url, prompt, NEW_LONG, extra=extra)[-1]
         got = out[-1]
         assert got["output_ids"] == want["output_ids"], "a long request differs from stock"
+        for key in ("output_token_logprobs", "output_top_logprobs"):
+            if key in want["meta_info"]:
+                _close(got["meta_info"][key], want["meta_info"][key], key)
         assert got["meta_info"]["cached_tokens"] == want["meta_info"]["cached_tokens"]
         assert got["meta_info"]["num_retractions"] == 0
+
+
+def _close(a, b, what: str) -> None:
+    if isinstance(a, float) or isinstance(b, float):
+        assert abs(a - b) <= 1e-5, (what, a, b)
+    elif isinstance(b, list | tuple):
+        assert len(a) == len(b), what
+        for x, y in zip(a, b, strict=True):
+            _close(x, y, what)
+    else:
+        assert a == b, (what, a, b)
 
 
 def _resumed_without_recompute(srv: SGLangServer) -> list[int]:
@@ -132,8 +149,11 @@ def test_merge_parks_a_chunked_prefill(srv, stock, split_back):
 def test_split_parks_a_chunked_prefill(srv, stock, split_back):
     r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
     assert r.status_code == 200, r.text
-    body, prompts, streams = _transform_during_prefill(srv.url, "split", rank=0)
+    # output logprobs (what the OpenAI API's logprobs=True asks for) do not hold a park
+    logprobs = {"return_logprob": True, "top_logprobs_num": 2}
+    body, prompts, streams = _transform_during_prefill(srv.url, "split", rank=0,
+                                                       extra=logprobs)
     # both ranks of the merged instance parked the same request: one moved
     assert body["requests_moved"]["chunked_prefills"] == 1, body
-    _check(stock, prompts, streams)
+    _check(stock, prompts, streams, extra=logprobs)
     assert _resumed_without_recompute(srv)

@@ -22,7 +22,8 @@ def _sched(req=None, tree=None, pending_abort=None) -> NS:
 
 
 def _req(**kw) -> NS:
-    return NS(rid="doc", return_logprob=False, skip_radix_cache_insert=False, **kw)
+    return NS(rid="doc", return_logprob=False, logprob_start_len=-1,
+              skip_radix_cache_insert=False, kv=NS(kv_committed_len=640), **kw)
 
 
 def test_no_chunked_prefill_is_nothing_to_park():
@@ -39,11 +40,20 @@ def test_what_holds_the_transformation_instead():
     assert "mamba" in why_not_parkable(_sched(req, _tree(mamba=True)))
     assert "being aborted" in why_not_parkable(_sched(req, pending_abort=req))
     logprobs = _req()
-    logprobs.return_logprob = True
-    assert "logprobs" in why_not_parkable(_sched(logprobs))
+    logprobs.return_logprob, logprobs.logprob_start_len = True, 100
+    assert "input logprobs" in why_not_parkable(_sched(logprobs))
     barred = _req()
     barred.skip_radix_cache_insert = True
     assert "barred" in why_not_parkable(_sched(barred))
+
+
+def test_output_logprobs_or_input_logprobs_not_reached_yet_park():
+    # SGLang sets logprob_start_len to the prompt length for output logprobs (its default)
+    # and -1 for the last position only: the chunks done computed no input logprob
+    for start in (-1, 640, 2400):
+        req = _req()
+        req.return_logprob, req.logprob_start_len = True, start
+        assert why_not_parkable(_sched(req)) is None, start
 
 
 def test_split_sends_waiting_requests_alternately():

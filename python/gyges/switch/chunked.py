@@ -19,9 +19,10 @@ A transformation refused after the park leaves the request to resume the same wa
 old instance.
 
 Not parked (the transformation waits for the prefill to finish, bounded by the
-controller): a request that returns logprobs (the input logprobs of its chunks done would
-be lost), one being aborted, one barred from the prefix cache, and schedulers whose tree
-this project cannot move (radix cache off, mamba state).
+controller): a request that returns input logprobs from a position its chunks done passed
+(those would be lost; output logprobs, SGLang's default, are fine), one being aborted, one
+barred from the prefix cache, and schedulers whose tree this project cannot move (radix
+cache off, mamba state).
 """
 from __future__ import annotations
 
@@ -56,8 +57,8 @@ def why_not_parkable(s: Any) -> str | None:
     supports_mamba = getattr(tree, "supports_mamba", None)
     if supports_mamba is not None and supports_mamba():
         return "a mamba state cache"
-    if req.return_logprob:
-        return "it returns logprobs (the input logprobs of its chunks done would be lost)"
+    if req.return_logprob and 0 <= req.logprob_start_len < int(req.kv.kv_committed_len):
+        return "it returns input logprobs, and those of its chunks done would be lost"
     if getattr(s, "_pending_chunked_abort_req", None) is req:
         return "it is being aborted"
     if getattr(req, "skip_radix_cache_insert", False):
