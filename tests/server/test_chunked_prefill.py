@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from gyges.testing.clients import split_all, start_streams, stream_generate
+from gyges.testing.clients import assert_close, split_all, start_streams, stream_generate
 from gyges.testing.server import SGLangServer, tiny_model
 
 pytestmark = pytest.mark.server
@@ -94,20 +94,9 @@ def _check(stock: SGLangServer, prompts: list[list[int]], streams: list,
         assert got["output_ids"] == want["output_ids"], "a long request differs from stock"
         for key in ("output_token_logprobs", "output_top_logprobs"):
             if key in want["meta_info"]:
-                _close(got["meta_info"][key], want["meta_info"][key], key)
+                assert_close(got["meta_info"][key], want["meta_info"][key], key)
         assert got["meta_info"]["cached_tokens"] == want["meta_info"]["cached_tokens"]
         assert got["meta_info"]["num_retractions"] == 0
-
-
-def _close(a, b, what: str) -> None:
-    if isinstance(a, float) or isinstance(b, float):
-        assert abs(a - b) <= 1e-5, (what, a, b)
-    elif isinstance(b, list | tuple):
-        assert len(a) == len(b), what
-        for x, y in zip(a, b, strict=True):
-            _close(x, y, what)
-    else:
-        assert a == b, (what, a, b)
 
 
 def _resumed_without_recompute(srv: SGLangServer) -> list[int]:

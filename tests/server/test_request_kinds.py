@@ -10,7 +10,13 @@ import json
 import pytest
 import requests
 
-from gyges.testing.clients import split_all, start_streams, stream_generate, wait_for_more_chunks
+from gyges.testing.clients import (
+    assert_close,
+    split_all,
+    start_streams,
+    stream_generate,
+    wait_for_more_chunks,
+)
 from gyges.testing.logit_processors import NoRepeatLastToken
 from gyges.testing.server import SGLangServer, tiny_model
 
@@ -102,18 +108,7 @@ def _same(got: dict, want: dict, kind: str) -> None:
     assert got["meta_info"]["finish_reason"] == want["meta_info"]["finish_reason"], kind
     for key in ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs"):
         if key in want["meta_info"]:
-            _close(got["meta_info"][key], want["meta_info"][key], f"{kind} {key}")
-
-
-def _close(a, b, what: str) -> None:
-    if isinstance(b, float) or isinstance(a, float):
-        assert abs(a - b) <= 1e-5, (what, a, b)
-    elif isinstance(b, list | tuple):
-        assert len(a) == len(b), what
-        for x, y in zip(a, b, strict=True):
-            _close(x, y, what)
-    else:
-        assert a == b, (what, a, b)
+            assert_close(got["meta_info"][key], want["meta_info"][key], f"{kind} {key}")
 
 
 @pytest.fixture(scope="module")

@@ -147,3 +147,16 @@ def split_all(url: str, timeout_s: float = 120.0) -> None:
                               timeout=timeout_s)
             except requests.RequestException:
                 pass
+
+
+def assert_close(a: object, b: object, what: str, tol: float = 1e-5) -> None:
+    """``a`` equals ``b`` (nested lists/tuples of logprob entries): floats within ``tol``,
+    everything else exactly; ``what`` names the field in the failure."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert abs(a - b) <= tol, (what, a, b)  # type: ignore[operator]
+    elif isinstance(b, list | tuple):
+        assert isinstance(a, list | tuple) and len(a) == len(b), what
+        for x, y in zip(a, b, strict=True):
+            assert_close(x, y, what, tol)
+    else:
+        assert a == b, (what, a, b)
