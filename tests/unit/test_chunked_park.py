@@ -70,3 +70,13 @@ def test_split_sends_a_parked_prefill_where_its_prefix_is():
     # nothing published (a page not yet full): alternation
     assert _waiting_halves(waiting, Parked("doc", torch.empty(0, dtype=torch.int64)),
                            100) == [0, 1, 0]
+
+
+def test_parking_can_be_turned_off_in_a_running_server(tmp_path, monkeypatch):
+    knob = tmp_path / "park"
+    monkeypatch.setenv("GYGES_PARK_CHUNKED_PREFILL", f"@{knob}")
+    assert why_not_parkable(_sched(_req())) is None  # no file: on
+    knob.write_text("0\n")
+    assert "parking is off" in why_not_parkable(_sched(_req()))
+    knob.write_text("1")
+    assert why_not_parkable(_sched(_req())) is None

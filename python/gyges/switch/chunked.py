@@ -22,7 +22,9 @@ Not parked (the transformation waits for the prefill to finish, bounded by the
 controller): a request that returns input logprobs from a position its chunks done passed
 (those would be lost; output logprobs, SGLang's default, are fine), one being aborted, one
 barred from the prefix cache, and schedulers whose tree this project cannot move (radix
-cache off, mamba state).
+cache off, mamba state). ``GYGES_PARK_CHUNKED_PREFILL=0`` turns parking off (every
+chunked prefill is waited for, as before 2026-12-06; ``@PATH`` reads it from a file at
+each check, so a benchmark compares both on one server).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 
 from gyges.switch import prefix_cache
+from gyges.switch.protocol import knob
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +48,20 @@ class Parked:
     slots: torch.Tensor  # KV slots of its chunks done (this instance's ids), now the tree's
 
 
+def enabled() -> bool:
+    """Whether chunked prefills in flight are parked (``GYGES_PARK_CHUNKED_PREFILL``, on
+    unless 0/false/off/no)."""
+    return knob("GYGES_PARK_CHUNKED_PREFILL").lower() not in ("0", "false", "off", "no")
+
+
 def why_not_parkable(s: Any) -> str | None:
     """Why the scheduler's chunked prefill in flight cannot be parked (None: there is
     none, or it can)."""
     req = s.chunked_req
     if req is None:
         return None
+    if not enabled():
+        return "parking is off (GYGES_PARK_CHUNKED_PREFILL=0)"
     tree = prefix_cache.usable_tree(s)
     if tree is None:
         return "the prefix cache is off or cannot be moved"

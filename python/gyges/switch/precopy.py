@@ -46,7 +46,7 @@ from gyges.comm.kv_precopy import (
 from gyges.core.migration_plan import used_ranges_by_segment
 from gyges.core.transfer_plan import TransferPlan, plan_transformation
 from gyges.switch import capacity, prefix_cache
-from gyges.switch.protocol import inject, vote_timeout_s
+from gyges.switch.protocol import inject, knob, vote_timeout_s
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ MAX_PACE_S = 0.25
 def max_staging_bytes() -> int | None:
     """Cap on a member's pre-copy staging (``GYGES_PRECOPY_MAX_STAGING_MB``; default none):
     a pre-copy that would need more runs as a stop-the-world transformation instead."""
-    value = _knob("GYGES_PRECOPY_MAX_STAGING_MB")
+    value = knob("GYGES_PRECOPY_MAX_STAGING_MB")
     return None if not value else int(float(value) * 2**20)
 
 
@@ -70,20 +70,8 @@ def duty() -> float:
 def round_floor_s() -> float:
     """Least sleep after each round (``GYGES_PRECOPY_ROUND_FLOOR_S``, default 0): tests
     stretch a pre-copy with it so that requests can finish, arrive or abort during one."""
-    return max(float(_knob("GYGES_PRECOPY_ROUND_FLOOR_S") or "0"), 0.0)
+    return max(float(knob("GYGES_PRECOPY_ROUND_FLOOR_S") or "0"), 0.0)
 
-
-def _knob(name: str) -> str:
-    """An environment setting; ``@PATH`` reads it from that file at each pre-copy (a test
-    changes it in a running server; a missing or empty file means unset)."""
-    value = os.environ.get(name, "")
-    if value.startswith("@"):
-        try:
-            with open(value[1:]) as f:
-                return f.read().strip()
-        except OSError:
-            return ""
-    return value
 
 
 @dataclass

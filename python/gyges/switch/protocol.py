@@ -47,6 +47,19 @@ PHASES = ("precopy", "prepare", "exchange", "kv_move", "weight_release", "weight
 _fired: set[str] = set()
 
 
+def knob(name: str) -> str:
+    """An environment setting; ``@PATH`` reads it from that file at each use (a test or
+    benchmark changes it in a running server; a missing or empty file means unset)."""
+    value = os.environ.get(name, "")
+    if value.startswith("@"):
+        try:
+            with open(value[1:]) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+    return value
+
+
 def vote_timeout_s() -> float:
     return float(os.environ.get("GYGES_VOTE_TIMEOUT_S", "30"))
 
