@@ -80,16 +80,15 @@ def why_not_parkable(s: Any) -> str | None:
 def park(s: Any) -> Parked | None:
     """Park the scheduler's chunked prefill in flight (see the module docstring). Runs after
     :func:`gyges.switch.migration.settle` processed the chunk in flight and kept the request
-    out of the running batch; the prepare step refused what :func:`why_not_parkable`
-    names."""
+    out of the running batch. Not checked again here: the prepare step, on this scheduler
+    thread with no input read since, refused what :func:`why_not_parkable` names (a second
+    read of the switch could differ, and a split's settle runs after its vote, where an
+    exception would take the host down)."""
     from sglang.srt.mem_cache.common import release_kv_cache
 
     req = s.chunked_req
     if req is None:
         return None
-    why = why_not_parkable(s)
-    if why is not None:
-        raise RuntimeError(f"chunked prefill {req.rid} cannot be parked: {why}")
     done = int(req.kv.kv_committed_len)
     slots = s.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :done].to("cpu", torch.int64)
     kept = (req.retraction_count, req.is_retracted, req.retracted_stain)

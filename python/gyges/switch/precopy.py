@@ -73,7 +73,6 @@ def round_floor_s() -> float:
     return max(float(knob("GYGES_PRECOPY_ROUND_FLOOR_S") or "0"), 0.0)
 
 
-
 @dataclass
 class PreCopy:
     """One member's pre-copy of one transformation."""
