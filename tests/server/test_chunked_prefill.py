@@ -37,9 +37,18 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def srv(model):
-    with SGLangServer(model, dp_size=2, gyges=True, extra_args=FLAGS,
-                      max_total_tokens=8192) as s:
+def fault(tmp_path_factory):
+    """A file the server reads ``GYGES_FAULT_INJECT`` from at each phase (empty: none)."""
+    path = tmp_path_factory.mktemp("chunked") / "fault"
+    path.write_text("")
+    return path
+
+
+@pytest.fixture(scope="module")
+def srv(model, fault):
+    s = SGLangServer(model, dp_size=2, gyges=True, extra_args=FLAGS, max_total_tokens=8192)
+    s.env["GYGES_FAULT_INJECT"] = f"@{fault}"
+    with s:
         yield s
 
 
@@ -145,4 +154,35 @@ def test_split_parks_a_chunked_prefill(srv, stock, split_back):
     # both ranks of the merged instance parked the same request: one moved
     assert body["requests_moved"]["chunked_prefills"] == 1, body
     _check(stock, prompts, streams, extra=logprobs)
+    assert _resumed_without_recompute(srv)
+
+
+def test_a_merge_refused_after_the_park_leaves_the_prefill_to_resume(srv, stock, fault,
+                                                                    split_back):
+    """A fault in the merge's exchange (after rank 0 parked its prefill, before anything
+    moved) refuses the merge: 409 within the bound, and the parked request resumes on its
+    own replica from its chunks done, equal to stock."""
+    prompts, streams, log = [], [], []
+    for n in range(ROUNDS):
+        before = srv.log_path.read_text(errors="replace").count("parked chunked prefill")
+        fault.write_text(f"merge:exchange:1:round{n}")  # a new spec each round fires once
+        prompt, out = _long_prompt(20 + n), []
+        prompts.append(prompt)
+        streams.append((_in_thread(srv.url, prompt, out, {"routed_dp_rank": 0}), out))
+        time.sleep(0.4)
+        t0 = time.monotonic()
+        r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
+        took = time.monotonic() - t0
+        fault.write_text("")
+        assert r.status_code == 409 and "injected fault" in r.text, r.text
+        assert took < 60, took
+        after = srv.log_path.read_text(errors="replace").count("parked chunked prefill")
+        log.append((n, after - before, len(out)))
+        if after > before:
+            break
+    else:
+        pytest.fail(f"no refused merge met a chunked prefill in {ROUNDS} rounds: {log}")
+    st = requests.get(srv.url + "/gyges/status", timeout=30).json()
+    assert len(st["instances"]) == 2, st["instances"]  # nothing changed
+    _check(stock, prompts, streams)
     assert _resumed_without_recompute(srv)
