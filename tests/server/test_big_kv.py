@@ -42,7 +42,7 @@ def test_big_kv_merge_split_ten_times_exact(big):
     ref = [got[i][-1]["output_ids"] for i in range(len(prompts))]
     assert all(len(r) == NEW_TOKENS for r in ref)
     threads, got = start_streams(big.url, prompts, NEW_TOKENS, min_chunks=3, timeout_s=300)
-    merges, refused_plans = [], []
+    merges, splits, refused_plans = [], [], []
     for _ in range(CYCLES):
         t0 = time.monotonic()
         r = requests.post(big.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
@@ -58,12 +58,20 @@ def test_big_kv_merge_split_ten_times_exact(big):
         merges.append((r.json(), time.monotonic() - t0))
         r = requests.post(big.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120)
         assert r.status_code == 200, r.text
+        splits.append(r.json())
     for t in threads:
         t.join(timeout=600)
     assert len(refused_plans) <= 1, refused_plans
     for out, elapsed in merges:
         assert out["requests_moved"]["running"] == 4, out["requests_moved"]
+        # the reply describes the merged instance as the switch left it (its leader's load
+        # is published at the switch, not its last load as a replica)
+        (inst,) = out["instances"]
+        assert inst["running"] == 4 and inst["used_tokens"] >= 4 * 3500, inst
         assert out["kv_bytes_moved"] > 100e6 and elapsed < 30, (out["kv_bytes_moved"], elapsed)
+    for out in splits:
+        assert sum(i["running"] for i in out["instances"]) == 4, out["instances"]
+        assert sum(i["used_tokens"] for i in out["instances"]) >= 4 * 3500, out["instances"]
     for i, want in enumerate(ref):
         assert got[i][-1]["output_ids"] == want, f"stream {i} diverged"
         assert got[i][-1]["meta_info"]["num_retractions"] == 0

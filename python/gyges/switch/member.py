@@ -340,6 +340,7 @@ class GroupMember:
             raise self._fail("merge", e, mine_reqs) from e
         ph.mark("sync_ms")
         self.flush_after_switch = True
+        _publish_load(s)
         logger.info("gyges: rank %d merged into TP%d %s as local rank %d: %s %s", self.rank,
                     k, list(ranks), r, moved_reqs, ph.ms)
         return {"tp": k, "local_rank": r, "phases_ms": ph.ms, "clock_s": ph.clock(),
@@ -445,6 +446,7 @@ class GroupMember:
             raise self._fail("split", e, all_reqs) from e
         ph.mark("sync_ms")
         self.flush_after_switch = True
+        _publish_load(s)
         logger.info("gyges: rank %d split from %s into TP%d: %s %s", self.rank, list(ranks),
                     k_new, moved_reqs, ph.ms)
         return {"tp": k_new, "phases_ms": ph.ms, "clock_s": ph.clock(), "capacity_tokens": cap,
@@ -603,6 +605,18 @@ def _raiser(reason: str | None) -> Any:
 def _rows_of(work: migration.Work) -> list[tuple[str, list[int]]]:
     return [(str(req.rid), row.tolist()) for req, row in zip(work.running, work.rows,
                                                              strict=True)]
+
+
+def _publish_load(s: Any) -> None:
+    """Publish this rank's load now: the controller describes the new instances in the
+    transformation's reply (and ``/gyges/status``, and places requests) from these
+    snapshots, and the last one was taken in the old configuration (a merge's leader
+    showed its own requests alone until its next step)."""
+    try:
+        s.publish_load_snapshot(force=True)
+    except Exception:  # a report, not the switch: the next step publishes again
+        logger.warning("gyges: rank %d could not publish its load after a switch",
+                       getattr(s, "dp_rank", -1), exc_info=True)
 
 
 def _written(pool: Any) -> torch.Tensor:
