@@ -1,9 +1,21 @@
-"""The calibration fit recovers known constants from points the cost model generated."""
+"""The calibration fit recovers known constants from points the cost model generated; the
+measurements it fits are cold prefills, medians of their samples."""
 from __future__ import annotations
+
+import statistics
+import threading
+import time
 
 import pytest
 
-from gyges.sim.calibrate import first_token_lag_steps, fit, fit_transforms, serving_path
+from gyges.sim.calibrate import (
+    Server,
+    first_token_lag_steps,
+    fit,
+    fit_transforms,
+    measure,
+    serving_path,
+)
 from gyges.sim.cost import CostParams, StepCost
 from gyges.sim.models import ModelSpec
 
@@ -58,3 +70,48 @@ def test_only_the_overlap_scheduler_on_a_cpu_lags_a_step(info: dict, lag: float)
 
 def test_old_calibrations_without_the_serving_path_do_not_lag():
     assert first_token_lag_steps(None) == 0.0
+
+
+class _FakeHost(Server):
+    """A dp 2 host that records every prompt and answers a request with a prefix it has
+    seen in 1 ms (a prefix-cache hit) and any other in 10 ms per 32 prompt tokens."""
+
+    def __init__(self) -> None:
+        super().__init__("http://fake", None)
+        self.tp, self.prompts, self.lock = 1, [], threading.Lock()
+
+    def call(self, path: str, body: dict | None = None, timeout: float = 300.0) -> dict:
+        if path == "/gyges/status":
+            n = 2 // self.tp
+            return {"dp_size": 2, "max_tp": 2, "instances": [
+                {"ranks": list(range(i * self.tp, (i + 1) * self.tp)), "tp": self.tp,
+                 "capacity_tokens": 4096 * self.tp} for i in range(n)]}
+        if path == "/server_info":
+            return {"device": "cpu", "disable_overlap_schedule": False}
+        if path in ("/gyges/merge", "/gyges/split"):
+            self.tp = 2 if path.endswith("merge") else 1
+            return {"elapsed_ms": {"total_ms": 50.0}, "kv_bytes_moved": 0}
+        ids = tuple(body["input_ids"])
+        with self.lock:
+            hit = any(p[:8] == ids[:8] for p in self.prompts)
+            self.prompts.append(ids)
+        time.sleep(0.001 if hit else 0.01 * len(ids) / 32 + 0.001 * body[
+            "sampling_params"]["max_new_tokens"])
+        return {}
+
+
+def test_every_sample_is_a_cold_prefill_and_points_are_medians(monkeypatch):
+    """Measured points never reuse a prompt (a prefix-cache hit would time a one-token
+    prefill: the first calibrations took the fastest of three repeats, the cached one),
+    and each point is the median of its samples."""
+    monkeypatch.setattr("gyges.sim.calibrate.PROMPTS", (32, 256))
+    monkeypatch.setattr("gyges.sim.calibrate.DECODE_BATCHES", (1,))
+    host = _FakeHost()
+    data = measure(host, TINY, repeats=3)
+    measured = [p for p in host.prompts if len(p) != 16]  # 16: the warm-ups, and busy
+    heads = [p[:3] for p in measured if len(p) in (32, 256, 64)]
+    assert len(heads) == len(set(heads)), "two measurements shared a prompt"
+    prefill = {(p["k"], p["tokens"]): p for p in data["steps"] if p["kind"] == "prefill"}
+    for (_, tokens), p in prefill.items():
+        assert p["s"] == statistics.median(p["samples"]) and len(p["samples"]) == 3
+        assert p["s"] >= 0.01 * tokens / 32  # not a cache hit's 1 ms

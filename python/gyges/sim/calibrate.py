@@ -4,6 +4,8 @@ Per degree k (1, 2, .. max TP; every aligned group merged through ``POST /gyges/
 prefill time (a request with ``max_new_tokens=1``: the request's own overhead plus the
 prefill step) at a few prompt lengths, and the decode step at batch 1 and at batch 4 per
 instance (the difference between requests of 33 and 1 new tokens, over 32: steps only).
+Each point is the median of ``--repeats`` samples, every sample with prompts no earlier
+request used (a repeated prompt would hit the prefix cache).
 Then merges and splits with and without a request in flight, from the admin API's own
 report (``elapsed_ms.total_ms``, ``kv_bytes_moved``). The fit: per-request overhead, step
 overhead, effective FLOP/s, effective memory bandwidth and all-reduce floor by
@@ -18,12 +20,15 @@ holds the params, every measurement and the fit error per point.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import statistics
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,22 +61,24 @@ class Server:
             raise SimInputError(f"cannot reach {self.url}{path}: {e}") from None
 
     def generate(self, prompt: int, new: int, vocab: int, salt: int = 0) -> float:
-        """Seconds of one greedy request; ``salt`` varies the prompt (no shared prefix)."""
-        ids = [(7 * i + 11 * salt + 3) % max(vocab - 10, 2) + 5 for i in range(prompt)]
+        """Seconds of one greedy request; ``salt`` varies the prompt: prompts of different
+        salts (below ``(vocab - 10) ** 3``) share at most two leading tokens."""
+        ids = _prompt(prompt, vocab, salt)
         t0 = time.perf_counter()
         self.call("/generate", {"input_ids": ids, "sampling_params": {
             "max_new_tokens": new, "temperature": 0.0, "ignore_eos": True}})
         return time.perf_counter() - t0
 
-    def generate_many(self, n: int, prompt: int, new: int, vocab: int) -> float:
-        """Seconds until ``n`` concurrent requests (distinct prompts) all finished."""
+    def generate_many(self, n: int, prompt: int, new: int, vocab: int, salt: int = 0) -> float:
+        """Seconds until ``n`` concurrent requests (prompts salted ``salt``, ``salt + 1``,
+        ...: distinct) all finished."""
         if n == 1:
-            return self.generate(prompt, new, vocab)
+            return self.generate(prompt, new, vocab, salt)
         errors: list[BaseException] = []
 
         def one(i: int) -> None:
             try:
-                self.generate(prompt, new, vocab, salt=i)
+                self.generate(prompt, new, vocab, salt=salt + i)
             except BaseException as e:  # re-raised on the caller's thread
                 errors.append(e)
 
@@ -84,6 +91,13 @@ class Server:
         if errors:
             raise errors[0]
         return time.perf_counter() - t0
+
+
+def _prompt(n: int, vocab: int, salt: int) -> list[int]:
+    """``n`` token ids: the salt's three digits in base ``vocab - 10``, then a pattern."""
+    base = max(vocab - 10, 2)
+    head = [salt // base**j % base + 5 for j in (2, 1, 0)]
+    return (head + [(7 * i + 3) % base + 5 for i in range(n)])[:n]
 
 
 def _set_degree(srv: Server, dp: int, k: int) -> None:
@@ -118,6 +132,20 @@ def first_token_lag_steps(serving: dict[str, Any] | None) -> float:
 
 
 def measure(srv: Server, model: ModelSpec, repeats: int) -> dict[str, Any]:
+    """Every point is the median of ``repeats`` samples (the simulator predicts typical
+    times, p50s), each sample with prompts no earlier request used: a repeated prompt would
+    hit the prefix cache and time a one-token prefill."""
+    used = itertools.count(1)
+
+    def median_of(sample: Callable[[int], float], width: int = 1) -> tuple[float, list[float]]:
+        xs = []
+        for _ in range(repeats):
+            salt = next(used)
+            for _ in range(width - 1):  # generate_many salts its n prompts salt, salt + 1, ..
+                next(used)
+            xs.append(sample(salt))
+        return statistics.median(xs), xs
+
     status = srv.call("/gyges/status")
     serving = serving_path(srv.call("/server_info"))
     dp, max_tp = int(status["dp_size"]), int(status["max_tp"])
@@ -129,20 +157,23 @@ def measure(srv: Server, model: ModelSpec, repeats: int) -> dict[str, Any]:
         srv.generate(16, 2, model.vocab)  # warm up
         for p in PROMPTS:
             if p + DECODE_TOKENS < cap1:
-                t = min(srv.generate(p, 1, model.vocab) for _ in range(repeats))
-                steps.append({"kind": "prefill", "k": k, "tokens": p, "s": t})
+                t, xs = median_of(lambda salt, p=p: srv.generate(p, 1, model.vocab, salt))
+                steps.append({"kind": "prefill", "k": k, "tokens": p, "s": t,
+                              "samples": xs})
         for batch in DECODE_BATCHES:
             if batch * (64 + DECODE_TOKENS + 1) >= k * cap1:
                 continue
             # batch > 1: that many per instance on every instance (the controller spreads
             # them), all running at once as in serving
             n = batch * (dp // k) if batch > 1 else 1
-            one = min(srv.generate_many(n, 64, 1, model.vocab) for _ in range(repeats))
-            many = min(srv.generate_many(n, 64, DECODE_TOKENS + 1, model.vocab)
-                       for _ in range(repeats))
+            one, ones = median_of(lambda salt, n=n: srv.generate_many(n, 64, 1, model.vocab,
+                                                                      salt), n)
+            many, manys = median_of(lambda salt, n=n: srv.generate_many(
+                n, 64, DECODE_TOKENS + 1, model.vocab, salt), n)
             steps.append({"kind": "decode", "k": k, "batch": batch,
                           "ctx": batch * (64 + DECODE_TOKENS // 2),
-                          "s": max(many - one, 1e-6) / DECODE_TOKENS})
+                          "s": max(many - one, 1e-6) / DECODE_TOKENS,
+                          "samples": {"one": ones, "many": manys}})
         k *= 2
     _set_degree(srv, dp, 1)
     transforms = []
