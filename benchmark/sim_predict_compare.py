@@ -1,4 +1,4 @@
-"""Hold the simulator to the live server: predict benchmark/compare.py's N=2 run.
+"""Hold the simulator to the live server: predict benchmark/compare.py's N=2 or N=4 run.
 
     # 1. calibrate against a live dp 2 Gyges server configured like compare.py's
     PYTHONPATH=python python benchmark/sim_predict_compare.py --calibrate \
@@ -18,6 +18,11 @@ with hold-down 2 s, and compares throughput, goodput and TTFT p50 with the live
 ``<config>.json`` files. Without options: the round trip's calibration
 (results/sim/roundtrip/) refitted for 1024 slots, against the committed live run in
 benchmark/results/.
+
+N=4: ``--num-ranks 4`` on all three steps (compare.py's own ``--num-ranks 4``): the
+calibration starts compare.py's N=4 model (4 KV heads) at dp 4 and measures TP1, TP2 and
+TP4; the prediction simulates one host of 4 "GPUs" (compare.py's "mix", two TP2
+replicas, is the simulator's ``static-tp2``; its "tp" is ``static-tp4``).
 """
 from __future__ import annotations
 
@@ -38,21 +43,23 @@ from gyges.sim.policies import SimSetup  # noqa: E402
 from gyges.sim.runner import Slo, run_policy, summarise  # noqa: E402
 from gyges.sim.traces import TraceRequest  # noqa: E402
 
-LIVE = {"dp": "static-dp", "tp": "static-tp2", "gyges-gyges": "gyges",
-        "gyges-round_robin": "gyges-rr", "gyges-llf": "gyges-llf"}
+GYGES = {"gyges-gyges": "gyges", "gyges-round_robin": "gyges-rr", "gyges-llf": "gyges-llf"}
+LIVE = {2: {"dp": "static-dp", "tp": "static-tp2", **GYGES},
+        4: {"dp": "static-dp", "tp": "static-tp4", "mix": "static-tp2", **GYGES}}
 SLO_TTFT_S, SLO_TPOT_S = 2.0, 0.2
 
 
-def calibrate(out: Path) -> None:
+def calibrate(out: Path, num_ranks: int) -> None:
     """Calibrate against a live server configured like compare.py's Gyges servers."""
     import subprocess
 
-    from gyges.testing.server import SGLangServer, tiny_model
-    from gyges.testing.tiny_model import LLAMA_GQA
+    from compare import model_for
 
-    path = tiny_model(LLAMA_GQA)
+    from gyges.testing.server import SGLangServer
+
+    path = model_for(num_ranks)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with SGLangServer(path, dp_size=2, gyges=True, max_total_tokens=1024,
+    with SGLangServer(path, dp_size=num_ranks, gyges=True, max_total_tokens=1024,
                       extra_args=["--gyges-split-hold-down", "2"]) as srv:
         subprocess.run([sys.executable, "-m", "gyges.sim", "calibrate", "--url", srv.url,
                         "--out", str(out), "--model-path", str(path), "--repeats", "3"],
@@ -62,8 +69,7 @@ def calibrate(out: Path) -> None:
 def main() -> None:
     import argparse
 
-    from gyges.testing.server import tiny_model
-    from gyges.testing.tiny_model import LLAMA_GQA
+    from compare import model_for
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,14 +80,20 @@ def main() -> None:
     ap.add_argument("--live", type=Path, default=ROOT / "results",
                     help="directory of compare.py's <config>.json files")
     ap.add_argument("--out", type=Path, default=ROOT / "results/sim/predict-compare.md")
+    ap.add_argument("--num-ranks", type=int, default=2, choices=(2, 4),
+                    help="compare.py's --num-ranks: dp size of the calibrated server and "
+                         "GPUs of the simulated host")
     args = ap.parse_args()
+    n = args.num_ranks
     if args.calibrate:
         if args.calibration is None:
             raise SystemExit("error: --calibrate needs --calibration FILE")
-        calibrate(args.calibration)
+        calibrate(args.calibration, n)
         return
-    model = model_from_hf(tiny_model(LLAMA_GQA))
+    model = model_from_hf(model_for(n))
     if args.calibration is None:
+        if n != 2:
+            raise SystemExit("error: --num-ranks 4 needs --calibration FILE")
         calib = json.loads((ROOT / "results/sim/roundtrip/calibration.json").read_text())
         data = dict(calib["measurements"], capacity_tokens_tp1=1024)
         params = CostParams.from_json(fit_all(model, data)["params"])
@@ -90,11 +102,11 @@ def main() -> None:
     raw = scale(synthetic_long_tail(48, seed=0), time_scale=6.0, length_scale=0.25,
                 max_requests=48)
     trace = [TraceRequest(r.arrival_s, r.input_len, r.output_len)
-             for r in cap_need(raw, 2 * 1016)]
-    setup = SimSetup(model, params, 1, 2, hold_down_s=2.0)
+             for r in cap_need(raw, n * 1016)]
+    setup = SimSetup(model, params, 1, n, hold_down_s=2.0)
     rows = ["| config | metric | live | simulated | error |", "|---|---|---|---|---|"]
     errors: dict[str, list[float]] = {}
-    for live_name, policy in LIVE.items():
+    for live_name, policy in LIVE[n].items():
         live = summarize_run(json.loads((args.live / f"{live_name}.json").read_text()),
                              SLO_TTFT_S, SLO_TPOT_S)
         sim = summarise(run_policy(policy, trace, setup), Slo(SLO_TTFT_S * 1000,
