@@ -42,18 +42,13 @@ def test_big_kv_merge_split_ten_times_exact(big):
     ref = [got[i][-1]["output_ids"] for i in range(len(prompts))]
     assert all(len(r) == NEW_TOKENS for r in ref)
     threads, got = start_streams(big.url, prompts, NEW_TOKENS, min_chunks=3, timeout_s=300)
-    merges, splits, refused_plans = [], [], []
+    merges, splits = [], []
     for _ in range(CYCLES):
         t0 = time.monotonic()
         r = requests.post(big.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
-        if r.status_code == 409 and "different transfer plans" in r.text:
-            # KNOWN BUG (intermittent, about 1 run in 3 on the CPU VM): the members' plan
-            # digests differ on a merge right after a long prefill; the vote refuses it
-            # cleanly (nothing moved, streams go on) and the next try goes through. The
-            # members log their plan inputs; see docs/merge-protocol.md, still to do.
-            refused_plans.append(r.text)
-            r = requests.post(big.url + "/gyges/merge", json={"ranks": [0, 1]},
-                              timeout=120)
+        # ten in a row: a 409 "members computed different transfer plans" (seen once, on
+        # 2026-12-02, not in 48 merges of this test's scenario on 2026-12-06) fails here;
+        # the members log their plan inputs (docs/merge-protocol.md)
         assert r.status_code == 200, r.text
         merges.append((r.json(), time.monotonic() - t0))
         r = requests.post(big.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120)
@@ -61,7 +56,6 @@ def test_big_kv_merge_split_ten_times_exact(big):
         splits.append(r.json())
     for t in threads:
         t.join(timeout=600)
-    assert len(refused_plans) <= 1, refused_plans
     for out, elapsed in merges:
         assert out["requests_moved"]["running"] == 4, out["requests_moved"]
         # the reply describes the merged instance as the switch left it (its leader's load
