@@ -101,24 +101,27 @@ def _check(stock: SGLangServer, prompts: list[list[int]], streams: list,
         want = stream_generate(stock.url, prompt, NEW_LONG, extra=extra)[-1]
         got = out[-1]
         assert got["output_ids"] == want["output_ids"], "a long request differs from stock"
-        for key in ("output_token_logprobs", "output_top_logprobs"):
+        for key in ("output_token_logprobs", "output_top_logprobs", "input_token_logprobs",
+                    "input_top_logprobs"):
             if key in want["meta_info"]:
                 assert_close(got["meta_info"][key], want["meta_info"][key], key)
         assert got["meta_info"]["cached_tokens"] == want["meta_info"]["cached_tokens"]
         assert got["meta_info"]["num_retractions"] == 0
 
 
-def _resumed_without_recompute(srv: SGLangServer) -> list[int]:
-    """Each park the server logged, with the tokens it published, was followed by a
-    prefill that found them cached (SGLang logs ``#cached-token``): the new instance did
-    not compute the parked chunks again. Returns the published counts."""
+def _resumed_without_recompute(srv: SGLangServer) -> list[tuple[int, int]]:
+    """Each park the server logged, with the tokens it published and where it resumes
+    (the same, or where its input logprobs start), was followed by a prefill that found
+    that many cached (SGLang logs ``#cached-token``): the new instance did not compute the
+    parked chunks again. Returns (published, resumes at) per park."""
     log = srv.log_path.read_text(errors="replace")
-    parks = [(m.end(), int(m.group(1))) for m in re.finditer(
-        r"parked chunked prefill \S+: \d+ of \d+ prompt tokens done, (\d+) published", log)]
-    for end, published in parks:
-        assert f"#cached-token: {published}," in log[end:], (
-            f"no prefill reused the {published} tokens a park published")
-    return [p for _, p in parks]
+    parks = [(m.end(), int(m.group(1)), int(m.group(2))) for m in re.finditer(
+        r"parked chunked prefill \S+: \d+ of \d+ prompt tokens done, (\d+) published in "
+        r"the prefix cache, resumes at (\d+)", log)]
+    for end, published, resumes in parks:
+        assert f"#cached-token: {resumes}," in log[end:], (
+            f"no prefill reused the {resumes} tokens a park published ({published})")
+    return [(p, r) for _, p, r in parks]
 
 
 @pytest.fixture
@@ -147,14 +150,20 @@ def test_merge_parks_a_chunked_prefill(srv, stock, split_back):
 def test_split_parks_a_chunked_prefill(srv, stock, split_back):
     r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
     assert r.status_code == 200, r.text
-    # output logprobs (what the OpenAI API's logprobs=True asks for) do not hold a park
-    logprobs = {"return_logprob": True, "top_logprobs_num": 2}
+    # input logprobs from position 40: a park after the first chunk (64 tokens) passed it,
+    # so the request resumes at 40 and computes those logprobs again (as SGLang does for a
+    # retracted request); output logprobs ride along
+    logprobs = {"return_logprob": True, "top_logprobs_num": 2, "logprob_start_len": 40}
     body, prompts, streams = _transform_during_prefill(srv.url, "split", rank=0,
                                                        extra=logprobs)
     # both ranks of the merged instance parked the same request: one moved
     assert body["requests_moved"]["chunked_prefills"] == 1, body
     _check(stock, prompts, streams, extra=logprobs)
-    assert _resumed_without_recompute(srv)
+    (inputs,) = {len(c["meta_info"]["input_token_logprobs"]) for c in streams[-1][1]
+                 if c["meta_info"].get("input_token_logprobs")}
+    assert inputs == len(prompts[-1]) - 40, inputs
+    parks = _resumed_without_recompute(srv)
+    assert any(resumes == 40 < published for published, resumes in parks), parks
 
 
 def test_a_merge_refused_after_the_park_leaves_the_prefill_to_resume(srv, stock, fault,

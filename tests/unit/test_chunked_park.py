@@ -7,7 +7,7 @@ from types import SimpleNamespace as NS
 
 import torch
 
-from gyges.switch.chunked import Parked, why_not_parkable
+from gyges.switch.chunked import Parked, resume_cap, why_not_parkable
 from gyges.switch.member import _waiting_halves
 
 
@@ -39,21 +39,21 @@ def test_what_holds_the_transformation_instead():
     assert "prefix cache is off" in why_not_parkable(_sched(req, _tree(disable=True)))
     assert "mamba" in why_not_parkable(_sched(req, _tree(mamba=True)))
     assert "being aborted" in why_not_parkable(_sched(req, pending_abort=req))
-    logprobs = _req()
-    logprobs.return_logprob, logprobs.logprob_start_len = True, 100
-    assert "input logprobs" in why_not_parkable(_sched(logprobs))
     barred = _req()
     barred.skip_radix_cache_insert = True
     assert "barred" in why_not_parkable(_sched(barred))
 
 
-def test_output_logprobs_or_input_logprobs_not_reached_yet_park():
+def test_every_logprob_request_parks_and_resumes_where_its_logprobs_start():
     # SGLang sets logprob_start_len to the prompt length for output logprobs (its default)
-    # and -1 for the last position only: the chunks done computed no input logprob
-    for start in (-1, 640, 2400):
-        req = _req()
+    # and -1 for the last position only; input logprobs from 100 resume at 100 (SGLang
+    # caps the prefix match there and computes them again)
+    for start, cap in ((-1, 2400), (100, 100), (640, 640), (2400, 2400)):
+        req = _req(origin_input_ids=list(range(2400)))
         req.return_logprob, req.logprob_start_len = True, start
         assert why_not_parkable(_sched(req)) is None, start
+        assert resume_cap(req) == cap, start
+    assert resume_cap(_req(origin_input_ids=list(range(2400)))) == 2400
 
 
 def test_split_sends_waiting_requests_alternately():

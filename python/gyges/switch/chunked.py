@@ -16,15 +16,17 @@ KV), so on the new instance the request matches what it computed and prefills on
 rest: nothing is recomputed but, with page size p, the < p tokens of a partial page. Its
 ``cached_tokens`` count stays what stock SGLang reports, and it is not counted as retracted.
 A transformation refused after the park leaves the request to resume the same way on its
-old instance.
+old instance. A request returning input logprobs from a position ``L`` its chunks done
+passed resumes at ``L`` instead: SGLang caps such a request's prefix match at ``L`` (as
+for a retracted one), so the tokens from ``L`` on are computed again, with their logprobs
+(the accumulated ones are reset like a retraction's).
 
 Not parked (the transformation waits for the prefill to finish, bounded by the
-controller): a request that returns input logprobs from a position its chunks done passed
-(those would be lost; output logprobs, SGLang's default, are fine), one being aborted, one
-barred from the prefix cache, and schedulers whose tree this project cannot move (radix
-cache off, mamba state). ``GYGES_PARK_CHUNKED_PREFILL=0`` turns parking off (every
-chunked prefill is waited for, as before 2026-12-06; ``@PATH`` reads it from a file at
-each check, so a benchmark compares both on one server).
+controller): a request being aborted, one barred from the prefix cache, and schedulers
+whose tree this project cannot move (radix cache off, mamba state).
+``GYGES_PARK_CHUNKED_PREFILL=0`` turns parking off (every chunked prefill is waited for, as
+before 2026-12-06; ``@PATH`` reads it from a file at each check, so a benchmark compares
+both on one server).
 """
 from __future__ import annotations
 
@@ -68,8 +70,6 @@ def why_not_parkable(s: Any) -> str | None:
     supports_mamba = getattr(tree, "supports_mamba", None)
     if supports_mamba is not None and supports_mamba():
         return "a mamba state cache"
-    if req.return_logprob and 0 <= req.logprob_start_len < int(req.kv.kv_committed_len):
-        return "it returns input logprobs, and those of its chunks done would be lost"
     if getattr(s, "_pending_chunked_abort_req", None) is req:
         return "it is being aborted"
     if getattr(req, "skip_radix_cache_insert", False):
@@ -99,9 +99,20 @@ def park(s: Any) -> Parked | None:
     # ... but it was not retracted: its counters and cached-token accounting stay (the
     # prefix it matches next is its own work, not a cache hit)
     req.retraction_count, req.is_retracted, req.retracted_stain = kept
-    req.already_computed = min(computed, published)
+    resumes = min(published, resume_cap(req))
+    req.already_computed = min(computed, resumes)
     s.chunked_req = None
     s.waiting_queue.insert(0, req)
     logger.info("gyges: parked chunked prefill %s: %d of %d prompt tokens done, %d published "
-                "in the prefix cache", req.rid, done, len(req.origin_input_ids), published)
+                "in the prefix cache, resumes at %d", req.rid, done, len(req.origin_input_ids),
+                published, resumes)
     return Parked(req, slots[:published])
+
+
+def resume_cap(req: Any) -> int:
+    """The longest prefix a parked request can match when it resumes: SGLang matches no
+    further than ``logprob_start_len`` for a request returning input logprobs from there
+    (they are computed again), else its whole prompt."""
+    if req.return_logprob and req.logprob_start_len >= 0:
+        return int(req.logprob_start_len)
+    return len(req.origin_input_ids)
