@@ -154,6 +154,24 @@ def test_long_request_reserves_merges_then_dispatches_and_shorts_go_elsewhere():
     assert sched.stats.merges == {"started": 1, "done": 1}
 
 
+def test_a_merged_instance_busy_with_the_moved_requests_still_takes_its_request():
+    """The members publish their load at the switch: right after the merge the view shows
+    the requests that moved in. The long request still goes there (SGLang queues it until
+    they free room) instead of counting a failed merge and merging another group."""
+    sched, host, clock, sent = make()
+    host.load = {r: RankLoad(total_tokens=t, running=1, timestamp=clock.now)
+                 for r, t in enumerate((900, 900, 300, 300))}
+    submit(sched, sent, "long", 1500)
+    sched.tick()
+    assert host.started == [("merge", (2, 3))]
+    host.finish()
+    host.load |= {r: RankLoad(total_tokens=600, running=2, timestamp=clock.now + 0.01)
+                  for r in (2, 3)}  # both members: the merged instance, 600 of 1984 used
+    sched.tick()
+    assert sent == [("long", 2)] and not sched.pending and host.started == [("merge", (2, 3))]
+    assert [d["decision"] for d in sched.log if d["rid"] == "long"] == ["merge", "dispatch"]
+
+
 def test_degree_four_merges_pairwise_then_dispatches_once():
     sched, host, clock, sent = make()
     submit(sched, sent, "huge", 3000)

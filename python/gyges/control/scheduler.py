@@ -391,15 +391,21 @@ class TransformationScheduler:
             self._merged(job.ranks)
 
     def _merged(self, group: tuple[int, ...]) -> None:
-        """The reserved group is one instance now: send its request there if it has room
-        (else, e.g. the members reported less KV than assumed, place it again)."""
+        """The reserved group is one instance now: send its request there if it can hold
+        it (else, e.g. the members reported less KV than assumed, place it again).
+
+        An instance busy with the requests that moved into it still takes the request: it
+        was merged for it (its group held the least KV), and SGLang queues it there until
+        they free the room. Placing it again would merge another, busier group, and count
+        as a failed merge (the members publish their load at the switch, so the view shows
+        the moved requests at once)."""
         p = self.reservations.pop(group, None)
         if p is None:  # its request was aborted meanwhile
             return
         p.reservation = None
         host = self.view()
         inst = host.instance_of(group[0])
-        if inst.free_tokens >= p.need:
+        if inst.capacity_tokens >= p.need:
             self._dispatch(p, inst.leader, host, Dispatch(inst.leader))
             return
         p.failures += 1
