@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from compare import model_for  # noqa: E402
 from compare_report import summarize_run  # noqa: E402
 from traces import cap_need, scale, synthetic_long_tail  # noqa: E402
 
@@ -53,8 +54,6 @@ def calibrate(out: Path, num_ranks: int) -> None:
     """Calibrate against a live server configured like compare.py's Gyges servers."""
     import subprocess
 
-    from compare import model_for
-
     from gyges.testing.server import SGLangServer
 
     path = model_for(num_ranks)
@@ -68,8 +67,6 @@ def calibrate(out: Path, num_ranks: int) -> None:
 
 def main() -> None:
     import argparse
-
-    from compare import model_for
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -102,14 +102,15 @@ class _FakeHost(Server):
 
 def test_every_sample_is_a_cold_prefill_and_points_are_medians(monkeypatch):
     """Measured points never reuse a prompt (a prefix-cache hit would time a one-token
-    prefill: the first calibrations took the fastest of three repeats, the cached one),
-    and each point is the median of its samples."""
+    prefill: the first calibrations took the fastest of three repeats of one prompt, which
+    could be a cached one), and each point is the median of its samples."""
     monkeypatch.setattr("gyges.sim.calibrate.PROMPTS", (32, 256))
     monkeypatch.setattr("gyges.sim.calibrate.DECODE_BATCHES", (1,))
     host = _FakeHost()
     data = measure(host, TINY, repeats=3)
-    measured = [p for p in host.prompts if len(p) != 16]  # 16: the warm-ups, and busy
-    heads = [p[:3] for p in measured if len(p) in (32, 256, 64)]
+    # the measured prompts: prefills of 32 and 256 tokens, decodes of 64 (not the warm-ups
+    # or the transformations' busy request)
+    heads = [p[:3] for p in host.prompts if len(p) in (32, 256, 64)]
     assert len(heads) == len(set(heads)), "two measurements shared a prompt"
     prefill = {(p["k"], p["tokens"]): p for p in data["steps"] if p["kind"] == "prefill"}
     for (_, tokens), p in prefill.items():

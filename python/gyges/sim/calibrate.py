@@ -20,7 +20,6 @@ holds the params, every measurement and the fit error per point.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import statistics
@@ -135,15 +134,14 @@ def measure(srv: Server, model: ModelSpec, repeats: int) -> dict[str, Any]:
     """Every point is the median of ``repeats`` samples (the simulator predicts typical
     times, p50s), each sample with prompts no earlier request used: a repeated prompt would
     hit the prefix cache and time a one-token prefill."""
-    used = itertools.count(1)
+    next_salt = 1
 
     def median_of(sample: Callable[[int], float], width: int = 1) -> tuple[float, list[float]]:
+        nonlocal next_salt
         xs = []
         for _ in range(repeats):
-            salt = next(used)
-            for _ in range(width - 1):  # generate_many salts its n prompts salt, salt + 1, ..
-                next(used)
-            xs.append(sample(salt))
+            xs.append(sample(next_salt))
+            next_salt += width  # generate_many salts its n prompts salt, salt + 1, ...
         return statistics.median(xs), xs
 
     status = srv.call("/gyges/status")
