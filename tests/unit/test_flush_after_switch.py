@@ -1,6 +1,6 @@
 """After a switch the next overlapped step's result is processed before the one after it
 launches: once, only when there is a batch and a last batch, never against SGLang's own
-decision."""
+decision. And the switch publishes the member's new load."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -26,3 +26,20 @@ def test_leaves_sglang_alone_without_a_switch() -> None:
     assert hook(False, _scheduler(False), "b2", last_batch="b1") is None
     assert hook(True, _scheduler(False), "b2", last_batch="b1") is None  # its own True stays
     assert hook(False, SimpleNamespace(), "b2", last_batch="b1") is None  # not a Gyges rank
+
+
+def test_the_switch_publishes_the_new_load_and_survives_a_failed_publish(caplog) -> None:
+    """At the end of a switch each member publishes its load (forced), so that the reply
+    and the controller see the new instance; a publish that raises is logged, not fatal
+    (the switch is committed by then)."""
+    from gyges.switch.member import _publish_load
+
+    calls: list[bool] = []
+    _publish_load(SimpleNamespace(publish_load_snapshot=lambda force: calls.append(force)))
+    assert calls == [True]
+
+    def broken(force: bool) -> None:
+        raise RuntimeError("no snapshot writer")
+
+    _publish_load(SimpleNamespace(publish_load_snapshot=broken, dp_rank=1))
+    assert "could not publish its load" in caplog.text
