@@ -267,6 +267,7 @@ def test_prefix_cache_survives_merge_and_split(srv, split_after):
 
 
 PENALTY_NEW = 600  # the stream outlasts the merge, 60 chunks at TP2 and the split
+PENALTY_ROUNDS = 3
 
 
 @pytest.fixture(scope="module")
@@ -284,13 +285,28 @@ def test_penalty_state_moves_under_overlap(srv, stock_penalties, kind, split_aft
     and the step the settle processed early cumulates the token SGLang's loop would have
     (gyges.switch.request_state); a replay of the outputs was one token off here."""
     split_after(srv.url)
-    i = list(KINDS).index(kind)
-    threads, got = start_streams(srv.url, [PROMPTS[i]], PENALTY_NEW, min_chunks=40,
-                                 extras=[{**_extra(kind), "routed_dp_rank": 1}],
-                                 timeout_s=300)
-    r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
-    assert r.status_code == 200, r.text
-    assert r.json()["requests_moved"]["running"] == 1, r.json()["requests_moved"]
+    i, want, log = list(KINDS).index(kind), stock_penalties[kind], []
+    for _ in range(PENALTY_ROUNDS):
+        threads, got = start_streams(srv.url, [PROMPTS[i]], PENALTY_NEW, min_chunks=40,
+                                     extras=[{**_extra(kind), "routed_dp_rank": 1}],
+                                     timeout_s=300)
+        seen = got[0][-1]["meta_info"]["completion_tokens"]
+        r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
+        assert r.status_code == 200, r.text
+        moved = r.json()["requests_moved"]
+        log.append((seen, moved))
+        if moved["running"] == 1:
+            break
+        # The client read chunk 40 long after the server sent it (a 2-core VM starves the
+        # client: 2026-12-06, 1 round of 19 in a loop here read 178 tokens when the server
+        # had sent all 600; once in CI), so the stream ended before the merge. It must have
+        # ended whole and equal to stock; the round proves nothing more: split, stream again.
+        threads[0].join(timeout=300)
+        assert got[0][-1]["meta_info"]["completion_tokens"] == PENALTY_NEW, log
+        _same(got[0][-1], want, kind)
+        split_all(srv.url)
+    else:
+        pytest.fail(f"the stream ended before the merge in {PENALTY_ROUNDS} rounds: {log}")
     wait_for_more_chunks(got, 60, timeout_s=300)
     r = requests.post(srv.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120)
     assert r.status_code == 200, r.text
@@ -298,6 +314,6 @@ def test_penalty_state_moves_under_overlap(srv, stock_penalties, kind, split_aft
     members = r.json()["members"].values()
     assert max(m["running"] for m in members) == 1, r.json()["members"]
     threads[0].join(timeout=300)
-    out, want = got[0][-1], stock_penalties[kind]
+    out = got[0][-1]
     assert out["meta_info"]["completion_tokens"] == PENALTY_NEW
     _same(out, want, kind)
