@@ -12,21 +12,22 @@ from gyges.sim.calibrate import (
     Server,
     first_token_lag_steps,
     fit,
+    fit_all,
     fit_transforms,
     measure,
     serving_path,
 )
 from gyges.sim.cost import CostParams, StepCost
-from gyges.sim.models import ModelSpec
+from gyges.sim.models import ModelSpec, SimInputError
 
 TINY = ModelSpec("tiny", 2, 64, 4, 2, 16, 128, 1000)
 
 
-def _points(c: StepCost, lag: int) -> list[dict]:
+def _points(c: StepCost, lag: int, degrees: tuple[int, ...] = (1, 2)) -> list[dict]:
     """Whole requests (overhead 20 ms + prefill + ``lag`` batch-1 decode steps) and
     differences of requests (steps only)."""
     points: list[dict] = []
-    for k in (1, 2):
+    for k in degrees:
         for p in (32, 256, 1024, 4096):
             points.append({"kind": "prefill", "k": k, "tokens": p,
                            "s": 0.02 + c.prefill(k, p, p * p / 2, 1) + lag * c.decode(k, 1, p)})
@@ -49,6 +50,32 @@ def test_fit_recovers_the_step_constants(lag: int):
     assert max(abs(e) for e in errors) < 0.05
     assert params.step_overhead_s == pytest.approx(0.004, rel=0.2)
     assert params.request_overhead_s == pytest.approx(0.02, rel=0.2)
+
+
+@pytest.mark.parametrize("scaling", ["flat", "ring"])
+def test_calibration_keeps_the_all_reduce_scaling_that_fits(scaling: str):
+    """Measured at TP1, TP2 and TP4 (two degrees above one tell the scalings apart), the
+    calibration keeps the all-reduce floor's growth that generated the points."""
+    truth = CostParams("cpu", flops=3e10, hbm_bw=5e9, memory=1e9, nvlink_bw=1e9, mfu=1.0,
+                       mfu_attn=1.0, mbu=1.0, layer_overhead_s=0.0, step_overhead_s=0.004,
+                       allreduce_latency_s=2e-3, request_overhead_s=0.02,
+                       allreduce_scaling=scaling)
+    data = {"steps": _points(StepCost(TINY, truth), lag=0, degrees=(1, 2, 4)),
+            "transforms": [{"kv_bytes": b, "weight_bytes": 0, "ms": 30 + b / 1e6}
+                           for b in (0, 1e6)],
+            "max_tp": 4, "capacity_tokens_tp1": 1024}
+    out = fit_all(TINY, data)
+    assert out["params"]["allreduce_scaling"] == scaling
+    errs = out["fit"]["allreduce_scaling_mean_abs_rel_err"]
+    assert errs[scaling] < 0.05 < errs["flat" if scaling == "ring" else "ring"]
+    assert StepCost(TINY, CostParams.from_json(out["params"])).latency(4) == \
+        pytest.approx(truth.allreduce_latency_s * (3 if scaling == "ring" else 1), rel=0.2)
+
+
+def test_a_calibration_with_an_unknown_all_reduce_scaling_is_refused():
+    bad = CostParams("cpu", flops=1e10, hbm_bw=1e9, memory=1e9, nvlink_bw=1e9).to_json()
+    with pytest.raises(SimInputError, match="allreduce_scaling"):
+        CostParams.from_json({**bad, "allreduce_scaling": "tree"})
 
 
 def test_transformation_fit_is_a_line():

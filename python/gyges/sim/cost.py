@@ -24,6 +24,8 @@ from gyges.core.transfer_plan import plan_transformation
 from gyges.sim.gpus import GpuSpec
 from gyges.sim.models import ModelSpec, SimInputError
 
+ALLREDUCE_SCALINGS = ("flat", "ring")
+
 
 @dataclass(frozen=True)
 class CostParams:
@@ -47,6 +49,11 @@ class CostParams:
     first_token_lag_steps: float = 0.0
     layer_overhead_s: float = 15e-6  # per layer per step (kernel launches, norms, rope)
     allreduce_latency_s: float = 12e-6  # floor of one NVLink all-reduce
+    # how that floor grows with the degree k: "flat" (the GPU presets: NCCL's small-message
+    # all-reduce within one NVLink/NVSwitch host, 2-8 GPUs, taken as one floor) or "ring"
+    # (x (k - 1): a ring's hops one after another, as gloo's all-reduce on the CPU test
+    # server; calibrate keeps whichever fits the measured degrees better)
+    allreduce_scaling: str = "flat"
     mem_fraction: float = 0.88  # SGLang mem_fraction_static: weights + KV share
     chunk_tokens: int = 8192  # chunked prefill budget per step
     transform_fixed_s: float = 0.4  # pause, state exchange, rebuild (per pairwise step)
@@ -70,9 +77,13 @@ class CostParams:
         if unknown:
             raise SimInputError(f"calibration has unknown keys {sorted(unknown)}")
         try:
-            return cls(**data)
+            params = cls(**data)
         except TypeError as e:
             raise SimInputError(f"calibration is incomplete: {e}") from None
+        if params.allreduce_scaling not in ALLREDUCE_SCALINGS:
+            raise SimInputError(f"calibration: allreduce_scaling must be one of "
+                                f"{list(ALLREDUCE_SCALINGS)}, got {params.allreduce_scaling!r}")
+        return params
 
     def with_(self, **kw: Any) -> CostParams:
         return replace(self, **kw)
@@ -91,11 +102,18 @@ class StepCost:
     def _overhead(self) -> float:
         return self.p.step_overhead_s + self.m.layers * self.p.layer_overhead_s
 
+    def latency(self, k: int) -> float:
+        """Latency floor of one collective over ``k`` GPUs (0 for one)."""
+        if k <= 1:
+            return 0.0
+        hops = k - 1 if self.p.allreduce_scaling == "ring" else 1
+        return self.p.allreduce_latency_s * hops
+
     def _allreduce(self, k: int, tokens: int) -> float:
         if k <= 1:
             return 0.0
         msg = tokens * self.m.hidden * self.m.dtype_bytes
-        one = self.p.allreduce_latency_s + 2 * (k - 1) / k * msg / self.p.nvlink_bw
+        one = self.latency(k) + 2 * (k - 1) / k * msg / self.p.nvlink_bw
         return 2 * self.m.layers * one
 
     def _linear(self, k: int, tokens: int, seqs: int) -> float:
@@ -137,7 +155,7 @@ class StepCost:
         t = self.prefill(1, share, pairs / g, max(1, seqs // g))
         a2a = tokens * self.m.hidden * self.m.dtype_bytes / g * (g - 1) / g
         chunks = max(1, math.ceil(share / self.p.chunk_tokens))
-        return t + 4 * self.m.layers * (chunks * self.p.allreduce_latency_s
+        return t + 4 * self.m.layers * (chunks * self.latency(g)
                                         + a2a / self.p.nvlink_bw)
 
 

@@ -41,7 +41,7 @@ class ShiftStep:
     def _a2a(self, tokens: int) -> float:
         m, p = self.cost.m, self.cost.p
         nbytes = tokens * m.hidden * m.dtype_bytes / self.g * (self.g - 1) / self.g
-        return 4 * m.layers * (p.allreduce_latency_s + nbytes / p.nvlink_bw)
+        return 4 * m.layers * (self.cost.latency(self.g) + nbytes / p.nvlink_bw)
 
 
 class ESPStep:
@@ -53,7 +53,7 @@ class ESPStep:
         self.cost, self.d, self.base = cost, d, base  # base: TP degree of one instance
 
     def decode(self, batch: int, ctx_tokens: int) -> float:
-        sync = 0.0 if self.d == 1 else self.cost.m.layers * self.cost.p.allreduce_latency_s
+        sync = self.cost.m.layers * self.cost.latency(self.d)
         return self.cost.decode(self.base, batch, ctx_tokens // self.d) + sync
 
     def prefill(self, tokens: int, pairs: float, seqs: int) -> float:
