@@ -43,3 +43,28 @@ def test_the_switch_publishes_the_new_load_and_survives_a_failed_publish(caplog)
 
     _publish_load(SimpleNamespace(publish_load_snapshot=broken, dp_rank=1))
     assert "could not publish its load" in caplog.text
+
+
+def test_members_leave_a_switch_with_one_new_token_ratio(monkeypatch) -> None:
+    """SGLang admits prefills and retracts decodes against its new-token ratio: TP ranks
+    with different ratios schedule different batches and their next all-reduce mismatches
+    (seen: a merge after one replica's retraction, gloo "76800 vs 256", the host down).
+    Every member keeps the highest ratio and the leader's step counter."""
+    import json
+
+    from gyges.switch import member
+
+    ratios, forward = [0.7, 0.51, 0.098], [40, 7, 12]
+
+    def gather(_group, data, _timeout):
+        mine = json.loads(data)
+        states = [{"forward_ct": f, "ratio": r} for f, r in zip(forward, ratios, strict=True)]
+        assert mine in states
+        return [json.dumps(st).encode() for st in states]
+
+    monkeypatch.setattr(member, "all_gather_bytes", gather)
+    for rank in range(3):
+        s = SimpleNamespace(forward_ct=forward[rank],
+                            new_token_ratio_tracker=SimpleNamespace(current=ratios[rank]))
+        member.GroupMember._sync_counters(SimpleNamespace(s=s), object(), seed=3)
+        assert (s.forward_ct, s.new_token_ratio_tracker.current) == (40, 0.7)

@@ -21,6 +21,7 @@ plan, each half installs its requests. A request that fits neither half refuses 
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -42,7 +43,7 @@ from gyges.core.transfer_plan import plan_digest
 from gyges.switch import capacity, chunked, migration, scheduler_state
 from gyges.switch import model as model_switch
 from gyges.switch import precopy as precopy_mod
-from gyges.switch.group import PooledGroupCoordinator, broadcast_json
+from gyges.switch.group import PooledGroupCoordinator, all_gather_bytes, broadcast_json
 from gyges.switch.prefix_cache import split_cache
 from gyges.switch.protocol import (
     COMMIT_TIMEOUT_S,
@@ -586,13 +587,24 @@ class GroupMember:
                             buffers_per_round=2, workspace=self._workspace)
 
     def _sync_counters(self, group: PoolGroup, seed: int) -> None:
-        """Same RNG and step counters on every member (leader's values)."""
+        """Same RNG, step counter and new-token ratio on every member. The ratio is
+        SGLang's estimate of the running requests' future tokens: its prefill admission
+        and decode retraction budget with it, so TP ranks with different ratios schedule
+        different batches and their next collective mismatches (members that were
+        replicas decayed, retracted and reset theirs apart). The highest is kept, the
+        most conservative; the step counter is the leader's."""
         from sglang.srt.utils import set_random_seed
 
         s = self.s
-        state = broadcast_json(group, {"forward_ct": int(getattr(s, "forward_ct", 0))},
-                               COMMIT_TIMEOUT_S)
-        s.forward_ct = state["forward_ct"]
+        tracker = getattr(s, "new_token_ratio_tracker", None)
+        mine = {"forward_ct": int(getattr(s, "forward_ct", 0)),
+                "ratio": float(tracker.current) if tracker is not None else None}
+        states = [json.loads(b) for b in all_gather_bytes(
+            group, json.dumps(mine).encode(), COMMIT_TIMEOUT_S)]
+        s.forward_ct = states[0]["forward_ct"]
+        ratios = [st["ratio"] for st in states if st["ratio"] is not None]
+        if tracker is not None and ratios:
+            tracker.current = max(ratios)
         set_random_seed(seed)
 
 
