@@ -37,13 +37,15 @@ SCHEMA = json.dumps({"type": "object", "properties": {
     "required": ["name", "items"]})
 LONG = [(31 * j) % 700 + 5 for j in range(1500)]
 SLOTS = 1024
+LONG_PRIORITY = 100  # above SGLang's preemption threshold (10) over the load's 0
 
 
-def _ttft(url: str, ids: list[int], new: int = 8) -> float:
+def _ttft(url: str, ids: list[int], new: int = 8, priority: int | None = None) -> float:
     """Seconds to the first streamed token of a greedy request."""
     t0 = time.perf_counter()
     body = {"input_ids": ids, "stream": True,
-            "sampling_params": {"temperature": 0, "max_new_tokens": new, "ignore_eos": True}}
+            "sampling_params": {"temperature": 0, "max_new_tokens": new, "ignore_eos": True},
+            **({"priority": priority} if priority is not None else {})}
     first = None
     with requests.post(url + "/generate", json=body, stream=True, timeout=300) as r:
         r.raise_for_status()
@@ -81,14 +83,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path)
+    p.add_argument("--priority", action="store_true",
+                   help="SGLang's --enable-priority-scheduling, the long request at priority "
+                        f"{LONG_PRIORITY} (the load at the default 0): it preempts running "
+                        "requests on the merged instance instead of waiting for room")
     args = p.parse_args()
     alone, grammar_done = [], 0
     loaded: dict[bool, list[float]] = {True: [], False: []}
+    prio = LONG_PRIORITY if args.priority else None
+    extra = ("--gyges-split-hold-down", "2",
+             *(("--enable-priority-scheduling",) if args.priority else ()))
     with SGLangServer(tiny_model(), dp_size=2, gyges=True, max_total_tokens=SLOTS,
-                      extra_args=("--gyges-split-hold-down", "2")) as srv:
+                      extra_args=extra) as srv:
         for _ in range(args.rounds):
             _wait_split(srv.url)
-            alone.append(_ttft(srv.url, LONG))
+            alone.append(_ttft(srv.url, LONG, priority=prio))
             for grammar in (False, True):
                 _wait_split(srv.url)
                 stop, done = threading.Event(), [0] * 4
@@ -98,7 +107,7 @@ def main() -> None:
                 for c in clients:
                     c.start()
                 time.sleep(3.0)  # every replica decoding (structured) output
-                loaded[grammar].append(_ttft(srv.url, LONG))
+                loaded[grammar].append(_ttft(srv.url, LONG, priority=prio))
                 stop.set()
                 for c in clients:
                     c.join(timeout=300)
@@ -108,7 +117,7 @@ def main() -> None:
     vs_plain = statistics.median(loaded[True]) / statistics.median(loaded[False])
     result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
               "command": "PYTHONPATH=python python benchmark/blocked_merge.py "
-                         f"--rounds {args.rounds}",
+                         f"--rounds {args.rounds}" + " --priority" * args.priority,
               "ttft_alone_s": alone, "ttft_under_plain_load_s": loaded[False],
               "ttft_under_grammar_load_s": loaded[True],
               "median_ratio": round(ratio, 3), "grammar_vs_plain": round(vs_plain, 3),
