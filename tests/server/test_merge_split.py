@@ -120,14 +120,21 @@ def test_bad_requests_while_merged_get_400_and_server_serves(srv, baseline):
     assert greedy_outputs(srv.url) == baseline
 
 
+NEW = 900
+
+
 def test_streams_in_flight_survive_merge_and_split(srv, baseline):
     """Two streaming requests per replica keep streaming across a merge and a split; each
     output equals the one produced without transformations; none is retracted."""
     prompts = [[(7 * i + 13 * j) % 300 + 5 for j in range(n)] for i, n in
                enumerate((9, 24, 40, 5))]
-    # 300 tokens (~1.5 s at 5 ms steps): the streams outlast the merge and the split
-    ref = [stream_generate(srv.url, p, 300)[-1] for p in prompts]
-    threads, got = start_streams(srv.url, prompts, 300, min_chunks=3)
+    # 900 tokens (~4.5 s at 5 ms steps): the streams outlast the merge and the split (with
+    # 300 a fresh-clone CI saw them end before the split on 2026-12-06)
+    threads, refs = start_streams(srv.url, prompts, NEW, min_chunks=1)
+    for t in threads:
+        t.join(timeout=300)
+    ref = [refs[i][-1] for i in range(len(prompts))]
+    threads, got = start_streams(srv.url, prompts, NEW, min_chunks=3)
     out = merge(srv.url)
     assert out["requests_moved"]["running"] >= 2 and out["kv_bytes_moved"] > 0, out
     time.sleep(0.3)

@@ -587,26 +587,34 @@ class GroupMember:
                             buffers_per_round=2, workspace=self._workspace)
 
     def _sync_counters(self, group: PoolGroup, seed: int) -> None:
-        """Same RNG, step counter and new-token ratio on every member. The ratio is
-        SGLang's estimate of the running requests' future tokens: its prefill admission
-        and decode retraction budget with it, so TP ranks with different ratios schedule
-        different batches and their next collective mismatches (members that were
-        replicas decayed, retracted and reset theirs apart). The highest is kept, the
-        most conservative; the step counter is the leader's."""
+        """Same RNG and scheduling counters on every member. TP ranks must schedule the
+        same batches from the same state, or their next collective mismatches; members
+        that were replicas counted apart. Kept: the step counter (the leader's); SGLang's
+        new-token ratio, which budgets prefill admission and decode retraction (each
+        replica decayed, retracted and reset its own; the highest, the most conservative);
+        the prefill-token counter HRRN ages waiting requests by (the highest: no moved
+        request waited a negative time); the call count that times the waiting prefixes'
+        LRU refresh (the leader's)."""
         from sglang.srt.utils import set_random_seed
 
         s = self.s
         tracker = getattr(s, "new_token_ratio_tracker", None)
+        policy = getattr(s, "policy", None)
         mine = {"forward_ct": int(getattr(s, "forward_ct", 0)),
-                "ratio": float(tracker.current) if tracker is not None else None}
+                "ratio": float(tracker.current) if tracker is not None else None,
+                "processed": int(getattr(s, "processed_tokens_counter", 0)),
+                "refresh": int(getattr(policy, "_waiting_prefix_refresh_calls", 0))}
         states = [json.loads(b) for b in all_gather_bytes(
             group, json.dumps(mine).encode(), COMMIT_TIMEOUT_S)]
         s.forward_ct = states[0]["forward_ct"]
         ratios = [st["ratio"] for st in states if st["ratio"] is not None]
         if tracker is not None and ratios:
             tracker.current = max(ratios)
+        if hasattr(s, "processed_tokens_counter"):
+            s.processed_tokens_counter = max(st["processed"] for st in states)
+        if hasattr(policy, "_waiting_prefix_refresh_calls"):
+            policy._waiting_prefix_refresh_calls = states[0]["refresh"]
         set_random_seed(seed)
-
 
 def _raiser(reason: str | None) -> Any:
     def handler(_msg: Message) -> Message:
