@@ -21,7 +21,8 @@ CHUNK = 64
 FLAGS = ("--chunked-prefill-size", str(CHUNK))
 LONG = 2400  # 38 chunks: the prefill spans many steps
 NEW_LONG = 24
-NEW_SHORT = 500  # the short streams outlast the rounds below
+NEW_SHORT = 1500  # the short streams outlast the rounds below (500 ended before the merge
+# in a fresh-clone CI on 2026-12-06)
 SHORT = [[(7 * i + 3 * j) % 400 + 5 for j in range(n)] for i, n in enumerate((21, 34))]
 ROUNDS = 4
 
