@@ -616,6 +616,7 @@ class GroupMember:
             policy._waiting_prefix_refresh_calls = states[0]["refresh"]
         set_random_seed(seed)
 
+
 def _raiser(reason: str | None) -> Any:
     def handler(_msg: Message) -> Message:
         raise TransformationFailed(f"out of service: {reason}")
