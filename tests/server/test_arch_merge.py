@@ -11,7 +11,11 @@ from __future__ import annotations
 import pytest
 import requests
 
-from gyges.testing.clients import start_streams, stream_generate, wait_for_more_chunks
+from gyges.testing.clients import (
+    stream_generate,
+    transform_meeting_streams,
+    wait_for_more_chunks,
+)
 from gyges.testing.server import SGLangServer, tiny_model
 from gyges.testing.tiers import ci_subset
 
@@ -57,12 +61,10 @@ def test_merge_and_split_with_streams_equal_stock(case):
     with SGLangServer(model, extra_args=args) as stock:
         want = [stream_generate(stock.url, p, NEW_TOKENS)[-1]["output_ids"] for p in PROMPTS]
     with SGLangServer(model, dp_size=2, gyges=True, extra_args=args) as srv:
-        threads, got = start_streams(srv.url, PROMPTS, NEW_TOKENS, min_chunks=3)
-        r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
-        assert r.status_code == 200, r.text
-        assert r.json()["requests_moved"]["running"] >= 2, r.json()["requests_moved"]
-        released = r.json()["weight_bytes_released"]  # the unowned MLP/expert shards
-        assert released > 0, r.json()
+        threads, got, merged = transform_meeting_streams(srv.url, [0, 1], PROMPTS, NEW_TOKENS,
+                                                         min_running=2)
+        released = merged["weight_bytes_released"]  # the unowned MLP/expert shards
+        assert released > 0, merged
         wait_for_more_chunks(got, 8)
         r = requests.post(srv.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120)
         assert r.status_code == 200, r.text
