@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--num-ranks", type=int, default=2, choices=(2, 4),
                     help="compare.py's --num-ranks: dp size of the calibrated server and "
                          "GPUs of the simulated host")
+    ap.add_argument("--host-cores", type=float,
+                    help="cores the live run's processes shared (overrides the "
+                         "calibration's host_cores; 0: CPU contention not modelled)")
     args = ap.parse_args()
     n = args.num_ranks
     if args.calibrate:
@@ -96,6 +99,8 @@ def main() -> None:
         params = CostParams.from_json(fit_all(model, data)["params"])
     else:
         params = CostParams.from_json(json.loads(args.calibration.read_text())["params"])
+    if args.host_cores is not None:
+        params = params.with_(host_cores=args.host_cores)
     raw = scale(synthetic_long_tail(48, seed=0), time_scale=6.0, length_scale=0.25,
                 max_requests=48)
     trace = [TraceRequest(r.arrival_s, r.input_len, r.output_len)

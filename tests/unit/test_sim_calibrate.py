@@ -14,6 +14,7 @@ from gyges.sim.calibrate import (
     fit,
     fit_all,
     fit_transforms,
+    host_cores,
     measure,
     serving_path,
 )
@@ -97,6 +98,16 @@ def test_only_the_overlap_scheduler_on_a_cpu_lags_a_step(info: dict, lag: float)
 
 def test_old_calibrations_without_the_serving_path_do_not_lag():
     assert first_token_lag_steps(None) == 0.0
+
+
+@pytest.mark.parametrize(("serving", "cores"), [
+    ({"device": "cpu", "overlap_schedule": True, "host_cores": 2}, 2.0),
+    ({"device": "cpu", "overlap_schedule": True}, 0.0),  # recorded before host_cores
+    ({"device": "cuda", "overlap_schedule": True, "host_cores": 64}, 0.0),
+    (None, 0.0),
+])
+def test_only_cpu_servers_record_their_cores(serving: dict | None, cores: float) -> None:
+    assert host_cores(serving) == cores
 
 
 class _FakeHost(Server):

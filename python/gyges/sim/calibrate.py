@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import threading
 import time
@@ -128,6 +129,13 @@ def first_token_lag_steps(serving: dict[str, Any] | None) -> float:
     if not serving:
         return 0.0
     return 1.0 if serving["device"] == "cpu" and serving["overlap_schedule"] else 0.0
+
+
+def host_cores(serving: dict[str, Any] | None) -> float:
+    """The cores a CPU server's processes share (0 on GPUs, or where not recorded)."""
+    if not serving or serving["device"] != "cpu":
+        return 0.0
+    return float(serving.get("host_cores") or 0.0)
 
 
 def measure(srv: Server, model: ModelSpec, repeats: int) -> dict[str, Any]:
@@ -275,7 +283,8 @@ def fit_all(model: ModelSpec, data: dict[str, Any]) -> dict[str, Any]:
                        mfu=1.0, mfu_attn=1.0, mbu=1.0, layer_overhead_s=0.0,
                        step_overhead_s=0.005, allreduce_latency_s=1e-4,
                        request_overhead_s=0.01,
-                       first_token_lag_steps=first_token_lag_steps(data.get("serving")))
+                       first_token_lag_steps=first_token_lag_steps(data.get("serving")),
+                       host_cores=host_cores(data.get("serving")))
     fixed, bw = fit_transforms(data["transforms"])
     start = start.with_(transform_fixed_s=fixed, nvlink_bw=bw)
     # the all-reduce floor's growth with the degree is a choice, not a fitted number: keep
@@ -323,7 +332,13 @@ def calibrate(args: argparse.Namespace) -> dict[str, Any]:
         path = args.model_path or srv.call("/get_model_info").get("model_path")
         model = model_from_hf(path)
         data = measure(srv, model, max(1, args.repeats))
+        data["serving"]["host_cores"] = len(os.sched_getaffinity(0))
         url = args.url
+    if getattr(args, "host_cores", None) is not None:
+        if args.host_cores <= 0:
+            raise SimInputError("--host-cores must be > 0")
+        data.setdefault("serving", {"device": "cpu", "overlap_schedule": True})
+        data["serving"]["host_cores"] = args.host_cores
     out = fit_all(model, data)
     out["url"] = url
     try:

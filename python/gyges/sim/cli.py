@@ -68,6 +68,10 @@ def parser() -> argparse.ArgumentParser:
                                         "the server's /get_model_info)")
     c.add_argument("--api-key")
     c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--host-cores", type=float,
+                   help="cores the CPU server's processes share (default for a CPU server "
+                        "measured with --url: this machine's, as the server runs here; "
+                        "ignored for GPU servers)")
     return p
 
 

@@ -62,6 +62,10 @@ class CostParams:
     # as on the CPU test servers) instead of derived from memory: every plan then holds
     # k x this at degree k (what the live server reports today).
     kv_tokens_tp1: int | None = None
+    # cores a CPU host's scheduler processes share (a calibration of a CPU server; 0 on
+    # GPUs: not modelled). Steps slow down while more processes are busy than that
+    # (sim/cpu.py).
+    host_cores: float = 0.0
 
     @classmethod
     def for_gpu(cls, gpu: GpuSpec) -> CostParams:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from gyges.router.policy import HostView, is_long, place
 from gyges.router.workers import RECENT_LONG_S
+from gyges.sim.cpu import STOCK_DP_CONTROLLER_PROCS, HostCpu
 from gyges.sim.engine import EventLoop
 from gyges.sim.host import SimHost
 from gyges.sim.instance import Finished, Instance, SimRequest, StepModel
@@ -23,13 +24,17 @@ class StaticFleet:
     """Fixed instances; ``layout`` lists, per host, (GPUs, capacity, step) per instance."""
 
     def __init__(self, loop: EventLoop, hosts: int,
-                 layout: Sequence[tuple[int, int, StepModel]], on_finish: Finished) -> None:
+                 layout: Sequence[tuple[int, int, StepModel]], on_finish: Finished,
+                 host_cores: float = 0.0) -> None:
         self.instances: list[Instance] = []
         for h in range(hosts):
             rank = 0
+            # stock SGLang runs a DP controller where a host has several instances
+            cpu = HostCpu(host_cores, STOCK_DP_CONTROLLER_PROCS if len(layout) > 1 else 0) \
+                if host_cores else None
             for gpus, cap, step in layout:
                 ranks = tuple(range(h * 1000 + rank, h * 1000 + rank + gpus))
-                self.instances.append(Instance(loop, ranks, cap, step, on_finish))
+                self.instances.append(Instance(loop, ranks, cap, step, on_finish, cpu=cpu))
                 rank += gpus
         self.on_finish, self.loop = on_finish, loop
         self.largest = max((i.capacity for i in self.instances), default=0)

@@ -24,6 +24,7 @@ from gyges.control.rank_load import RankLoad
 from gyges.control.scheduler import TICK_S, TransformationScheduler
 from gyges.core.request_limits import usable_tokens
 from gyges.router.policy import HostStatus, InstanceStatus
+from gyges.sim.cpu import HostCpu
 from gyges.sim.engine import EventLoop, Handle
 from gyges.sim.instance import Finished, Instance, SimRequest, StepModel
 from gyges.topology import Topology
@@ -55,9 +56,10 @@ class TransformRecord:
 class SimHost:
     def __init__(self, index: int, loop: EventLoop, ranks: int, kind: ElasticKind,
                  config: GygesConfig, on_finish: Finished,
-                 records: list[TransformRecord]) -> None:
+                 records: list[TransformRecord], host_cores: float = 0.0) -> None:
         self.index, self.loop, self.kind, self.on_finish = index, loop, kind, on_finish
         self.records = records
+        self.cpu = HostCpu(host_cores) if host_cores else None
         self.topo = Topology.boot(ranks)
         self.instances: dict[int, Instance] = {
             r: self._instance((r,)) for r in range(ranks)}
@@ -73,7 +75,7 @@ class SimHost:
     def _instance(self, ranks: tuple[int, ...]) -> Instance:
         k = len(ranks)
         return Instance(self.loop, ranks, self.kind.capacity(k), self.kind.step(k),
-                        self._finished)
+                        self._finished, cpu=self.cpu)
 
     # -- requests ---------------------------------------------------------------------
 
@@ -170,6 +172,7 @@ class SimHost:
             r, w = m.take_all()
             running += r
             waiting += w
+            m.detach()
         if op == "merge":
             self.topo = self.topo.merged(ranks)
             new = [self._instance(ranks)]

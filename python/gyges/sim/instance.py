@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from gyges.sim.cpu import HostCpu
 from gyges.sim.engine import EventLoop, Handle
 
 
@@ -48,12 +49,17 @@ Finished = Callable[["SimRequest"], None]
 
 
 class Instance:
-    """``ranks``: the scheduler ranks it spans; ``capacity``: KV tokens it holds."""
+    """``ranks``: the scheduler ranks it spans; ``capacity``: KV tokens it holds; ``cpu``:
+    the cores its host shares among busy instances (CPU calibrations only)."""
 
     def __init__(self, loop: EventLoop, ranks: tuple[int, ...], capacity: int,
-                 step: StepModel, on_finish: Finished, max_running: int = 1024) -> None:
+                 step: StepModel, on_finish: Finished, max_running: int = 1024,
+                 cpu: HostCpu | None = None) -> None:
         self.loop, self.ranks, self.capacity, self.step = loop, ranks, capacity, step
-        self.on_finish, self.max_running = on_finish, max_running
+        self.on_finish, self.max_running, self.cpu = on_finish, max_running, cpu
+        self._busy = False  # counted in cpu.busy
+        if cpu is not None:
+            cpu.add(self)
         cost = getattr(step, "cost", None)
         self.lag_steps = float(cost.p.first_token_lag_steps) if cost is not None else 0.0
         self.waiting: deque[SimRequest] = deque()
@@ -159,10 +165,11 @@ class Instance:
             self.waiting_need -= r.need
             self.used += r.need
             admitted.append(r)
+        self._set_busy(bool(admitted or self.running))
         if admitted:
             tokens = sum(r.prompt for r in admitted)
             pairs = sum(r.prompt * r.prompt / 2 for r in admitted)
-            dt = self.step.prefill(tokens, pairs, len(admitted))
+            dt = self.step.prefill(tokens, pairs, len(admitted)) * self._scale()
             self._prefilling, self._prefill_dt = True, dt
             self.busy_s += dt
             self._handle = self.loop.after(dt, lambda: self._prefilled(admitted))
@@ -172,7 +179,7 @@ class Instance:
             return
         n = self.running[0][0] - self.steps
         b = len(self.running)
-        dt = self.step.decode(b, self.ctx_tokens + b * n // 2)
+        dt = self.step.decode(b, self.ctx_tokens + b * n // 2) * self._scale()
         self._seg = (self.loop.now, dt, n)
         self._handle = self.loop.after(n * dt, lambda: self._decoded(n))
 
@@ -214,7 +221,30 @@ class Instance:
             return self._seg[1]
         if self._prefilling and self._prefill_dt is not None:
             return self._prefill_dt
-        return self.step.decode(len(admitted), sum(r.prompt + 1 for r in admitted))
+        return self.step.decode(len(admitted), sum(r.prompt + 1 for r in admitted)) * \
+            self._scale()
+
+    # -- the host's cores (CPU calibrations) -------------------------------------------
+
+    def _scale(self) -> float:
+        return 1.0 if self.cpu is None else self.cpu.scale(len(self.ranks))
+
+    def _set_busy(self, busy: bool) -> None:
+        if self.cpu is not None and busy != self._busy:
+            self._busy = busy
+            self.cpu.changed(len(self.ranks) if busy else -len(self.ranks))
+
+    def retime(self) -> None:
+        """The host's busy count changed: a decode segment in flight ends at its next step
+        boundary and the next one takes the new step time."""
+        if self._seg is not None and self._pause_cb is None:
+            self._cut()
+
+    def detach(self) -> None:
+        """Leave the host's cores (a transformation replaced this instance)."""
+        if self.cpu is not None:
+            self._set_busy(False)
+            self.cpu.remove(self)
 
     def _add_running(self, r: SimRequest, ctx_now: int) -> None:
         r.c0 = ctx_now - self.steps

@@ -83,13 +83,13 @@ def build(name: str, s: SimSetup, loop: EventLoop, on_finish: Finished,
             layout = [(k, plan.static(k), TPStep(cost, k))] * (g // k)
         if any(cap <= 0 for _, cap, _ in layout):
             raise Infeasible("the weights leave no KV cache at this degree")
-        return StaticFleet(loop, s.hosts, layout, on_finish)
+        return StaticFleet(loop, s.hosts, layout, on_finish, s.params.host_cores)
     if name == "shift":
         cap = plan.shift(g)
         if cap <= 0:
             raise Infeasible("TP shards plus a full SP replica leave no KV cache")
         return StaticFleet(loop, s.hosts, [(g, cap, ShiftStep(cost, g, SHIFT_THRESHOLD_TOKENS))],
-                           on_finish)
+                           on_finish, s.params.host_cores)
     if name not in ELASTIC:
         raise SimInputError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
     return _elastic(name, s, loop, on_finish, records, cost, plan)
@@ -126,7 +126,8 @@ def _elastic(name: str, s: SimSetup, loop: EventLoop, on_finish: Finished,
         raise Infeasible(str(e)) from None
 
     def make_host(index: int, finished: Finished) -> SimHost:
-        return SimHost(index, loop, ranks, kind, config, finished, records)
+        return SimHost(index, loop, ranks, kind, config, finished, records,
+                       host_cores=s.params.host_cores)
 
     return ElasticFleet(loop, make_host, s.hosts, router_policy, on_finish, s.seed)
 
