@@ -101,6 +101,9 @@ INVALID = [
     (["--dp-size", "2", "--gyges-max-tp", "4"], "larger than --dp-size 2"),
     (["--dp-size", "8", "--gyges-max-tp", "4"], "larger than the model's 2 KV heads"),
     (["--dp-size", "6", "--gyges-max-tp", "4"], "--dp-size 6 must be a multiple"),
+    (["--dp-size", "2", "--pp-size", "2"], "--enable-gyges requires --pp-size 1"),
+    (["--dp-size", "2", "--enable-prefill-delayer"],
+     "--enable-prefill-delayer cannot be combined with --enable-gyges"),
 ]
 
 def _model_for(message: str) -> str:

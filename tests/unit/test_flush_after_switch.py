@@ -48,17 +48,20 @@ def test_the_switch_publishes_the_new_load_and_survives_a_failed_publish(caplog)
 def test_members_leave_a_switch_with_one_scheduling_state(monkeypatch) -> None:
     """SGLang admits prefills and retracts decodes against its new-token ratio, orders an
     HRRN queue by its prefill-token counter and refreshes waiting prefixes' LRU every 32
-    calls: TP ranks that differ in any of these schedule different batches and their next
+    calls, and under --prefill-decode-interval counts decode rounds down to the next prefill:
+    TP ranks that differ in any of these schedule different batches and their next
     all-reduce mismatches (seen: a merge after one replica's retraction, gloo "76800 vs
-    256", the host down). Every member keeps the highest ratio and prefill-token count and
-    the leader's step counter and refresh count."""
+    256", the host down). Every member keeps the highest ratio, prefill-token count and
+    rounds left, and the leader's step counter and refresh count."""
     import json
 
     from gyges.switch import member
 
     ratios, forward, processed, refresh = [0.7, 0.51, 0.098], [40, 7, 12], [5, 900, 30], [3, 64, 9]
-    states = [{"forward_ct": f, "ratio": r, "processed": p, "refresh": c}
-              for f, r, p, c in zip(forward, ratios, processed, refresh, strict=True)]
+    interval = [0, 4, 2]
+    states = [{"forward_ct": f, "ratio": r, "processed": p, "refresh": c, "interval": i}
+              for f, r, p, c, i in zip(forward, ratios, processed, refresh, interval,
+                                       strict=True)]
 
     def gather(_group, data, _timeout):
         assert json.loads(data) in states
@@ -69,7 +72,9 @@ def test_members_leave_a_switch_with_one_scheduling_state(monkeypatch) -> None:
         s = SimpleNamespace(forward_ct=forward[rank],
                             new_token_ratio_tracker=SimpleNamespace(current=ratios[rank]),
                             processed_tokens_counter=processed[rank],
-                            policy=SimpleNamespace(_waiting_prefix_refresh_calls=refresh[rank]))
+                            policy=SimpleNamespace(_waiting_prefix_refresh_calls=refresh[rank]),
+                            _prefill_decode_interval_remaining=interval[rank])
         member.GroupMember._sync_counters(SimpleNamespace(s=s), object(), seed=3)
         assert (s.forward_ct, s.new_token_ratio_tracker.current, s.processed_tokens_counter,
-                s.policy._waiting_prefix_refresh_calls) == (40, 0.7, 900, 3)
+                s.policy._waiting_prefix_refresh_calls,
+                s._prefill_decode_interval_remaining) == (40, 0.7, 900, 3, 4)

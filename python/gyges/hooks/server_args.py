@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from gyges.config import DEFAULT_GRANULE_BYTES, POLICIES, GygesConfig, GygesConfigError
@@ -79,6 +80,7 @@ def from_cli_args(result: Any, _cls: type, args: argparse.Namespace) -> None:
     setattr(result, ATTR, config)
     if enabled:
         _check_serving_path(result)
+        _check_features(result)
         # The prefix cache survives transformations by walking the radix tree's nodes
         # (switch/prefix_cache); SGLang's Rust tree core exposes none, its Python core
         # does. An explicit choice is kept (then only running requests' prefixes survive).
@@ -105,6 +107,28 @@ def _check_serving_path(result: Any) -> None:
         raise SystemExit(2)
     if result.attention_backend is None:
         result.attention_backend = DEFAULT_BACKEND[device]
+
+
+# SGLang features a merge cannot keep in step: merged TP ranks must schedule the same
+# batches from the same state (docs/merge-protocol.md, merge step 7), and a merge moves one
+# pipeline stage's layers. (attribute, refused when, one line)
+REFUSED_FEATURES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("pp_size", lambda v: int(v or 1) > 1,
+     "--enable-gyges requires --pp-size 1: a merge moves the KV and weights of one "
+     "pipeline stage's layers, pipeline stages are not built"),
+    ("enable_prefill_delayer", bool,
+     "--enable-prefill-delayer cannot be combined with --enable-gyges: the delayer "
+     "negotiates over the TP group it found at startup and times its delays by each "
+     "rank's clock, so the ranks of a merged group would admit prefills apart"),
+)
+
+
+def _check_features(result: Any) -> None:
+    """Exit 2 with one line on a feature Gyges cannot keep in step across a merge."""
+    for name, refused, why in REFUSED_FEATURES:
+        if refused(getattr(result, name, None)):
+            print(f"error: {why}", file=sys.stderr)
+            raise SystemExit(2)
 
 
 def gyges_config(server_args: Any) -> GygesConfig | None:

@@ -594,7 +594,8 @@ class GroupMember:
         replica decayed, retracted and reset its own; the highest, the most conservative);
         the prefill-token counter HRRN ages waiting requests by (the highest: no moved
         request waited a negative time); the call count that times the waiting prefixes'
-        LRU refresh (the leader's)."""
+        LRU refresh (the leader's); the decode rounds left before the next prefill under
+        ``--prefill-decode-interval`` (the highest: no member admits a prefill early)."""
         from sglang.srt.utils import set_random_seed
 
         s = self.s
@@ -603,7 +604,8 @@ class GroupMember:
         mine = {"forward_ct": int(getattr(s, "forward_ct", 0)),
                 "ratio": float(tracker.current) if tracker is not None else None,
                 "processed": int(getattr(s, "processed_tokens_counter", 0)),
-                "refresh": int(getattr(policy, "_waiting_prefix_refresh_calls", 0))}
+                "refresh": int(getattr(policy, "_waiting_prefix_refresh_calls", 0)),
+                "interval": int(getattr(s, "_prefill_decode_interval_remaining", 0))}
         states = [json.loads(b) for b in all_gather_bytes(
             group, json.dumps(mine).encode(), COMMIT_TIMEOUT_S)]
         s.forward_ct = states[0]["forward_ct"]
@@ -614,6 +616,8 @@ class GroupMember:
             s.processed_tokens_counter = max(st["processed"] for st in states)
         if hasattr(policy, "_waiting_prefix_refresh_calls"):
             policy._waiting_prefix_refresh_calls = states[0]["refresh"]
+        if hasattr(s, "_prefill_decode_interval_remaining"):
+            s._prefill_decode_interval_remaining = max(st.get("interval", 0) for st in states)
         set_random_seed(seed)
 
 
