@@ -5,8 +5,9 @@ processes are busy than there are cores, each step takes longer. The calibration
 an instance of ``k`` schedulers alone, so its steps already include ``max(c, k) / c``;
 with ``B`` busy processes on the host a step takes ``max(c, B) / max(c, k)`` times its
 calibrated time (:meth:`HostCpu.scale`). Busy processes: the ranks of every instance
-that is prefilling or decoding, plus ``extra`` always-busy ones (stock SGLang's DP
-controller busy-polls its socket). A change of the busy count re-times every instance's
+that is prefilling or decoding (one paused for a transformation stays counted: its
+processes move the KV), plus ``extra`` always-busy ones (stock SGLang's DP controller
+busy-polls its socket). A change of the busy count re-times every instance's
 decode from its next step boundary (:meth:`Instance.retime`), so a segment never keeps a
 factor the host no longer has.
 """
