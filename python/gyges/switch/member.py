@@ -617,7 +617,7 @@ class GroupMember:
         if hasattr(policy, "_waiting_prefix_refresh_calls"):
             policy._waiting_prefix_refresh_calls = states[0]["refresh"]
         if hasattr(s, "_prefill_decode_interval_remaining"):
-            s._prefill_decode_interval_remaining = max(st.get("interval", 0) for st in states)
+            s._prefill_decode_interval_remaining = max(st["interval"] for st in states)
         set_random_seed(seed)
 
 

@@ -163,24 +163,22 @@ def assert_close(a: object, b: object, what: str, tol: float = 1e-5) -> None:
 
 
 def transform_meeting_streams(url: str, ranks: list[int], prompts: list[list[int]],
-                              max_new_tokens: int, min_running: int, op: str = "merge",
-                              attempts: int = 3, extras: list[dict] | None = None,
-                              timeout_s: float = 180.0
+                              max_new_tokens: int, min_running: int, attempts: int = 3,
+                              extras: list[dict] | None = None, timeout_s: float = 180.0
                               ) -> tuple[list[threading.Thread], dict[int, list[dict]], dict]:
-    """Start one stream per prompt (:func:`start_streams`), then ``POST /gyges/{op}`` on
-    ``ranks``; return the streams and the reply once the transformation moved at least
+    """Start one stream per prompt (:func:`start_streams`), then ``POST /gyges/merge`` on
+    ``ranks``; return the streams and the reply once the merge moved at least
     ``min_running`` running requests. An attempt whose streams had ended before the cutover
-    (a slow or paused machine) proves nothing: its streams are joined, the transformation
-    is undone (the inverse op on the same ranks) and the attempt repeated; after
+    (a slow or paused machine) proves nothing: its streams are joined, the group split
+    back and the attempt repeated; after
     ``attempts`` the AssertionError lists each attempt's moves and timings (a merge that is
     slow every time fails the test)."""
-    inverse = {"merge": "split", "split": "merge"}[op]
     history = []
     for _ in range(attempts):
         threads, got = start_streams(url, prompts, max_new_tokens, min_chunks=3,
                                      extras=extras)
         before = [len(c) for c in got.values()]
-        r = requests.post(f"{url}/gyges/{op}", json={"ranks": ranks}, timeout=timeout_s)
+        r = requests.post(f"{url}/gyges/merge", json={"ranks": ranks}, timeout=timeout_s)
         assert r.status_code == 200, r.text
         out = r.json()
         if out["requests_moved"]["running"] >= min_running:
@@ -190,6 +188,6 @@ def transform_meeting_streams(url: str, ranks: list[int], prompts: list[list[int
                         "chunks": [before, [len(c) for c in got.values()]]})
         for t in threads:
             t.join(timeout=600)
-        r = requests.post(f"{url}/gyges/{inverse}", json={"ranks": ranks}, timeout=timeout_s)
+        r = requests.post(f"{url}/gyges/split", json={"ranks": ranks}, timeout=timeout_s)
         assert r.status_code == 200, r.text
-    raise AssertionError(f"the {op} never met {min_running} running streams: {history}")
+    raise AssertionError(f"the merge never met {min_running} running streams: {history}")
