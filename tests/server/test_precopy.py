@@ -148,11 +148,11 @@ def test_requests_finish_arrive_and_abort_during_a_precopy(srv, knobs):
             doomed = Stream(srv.url, LONG[1], 2 * NEW, rid=f"doomed-{n}")
             _started([long, doomed])
             result: dict = {}
-            t0 = time.monotonic()
+            t0, wall0 = time.monotonic(), time.time()
             worker = threading.Thread(target=_post_into, args=(srv.url, op, result), daemon=True)
             worker.start()
             time.sleep(0.4)
-            events = [Stream(srv.url, short, 6), Stream(srv.url, arrive, 120),
+            events = [Stream(srv.url, short, 6, rid=f"short-{n}"), Stream(srv.url, arrive, 120),
                       Stream(srv.url, with_prefix, 4)]
             time.sleep(0.3)
             requests.post(srv.url + "/abort_request", json={"rid": f"doomed-{n}"}, timeout=30)
@@ -164,7 +164,8 @@ def test_requests_finish_arrive_and_abort_during_a_precopy(srv, knobs):
             assert events[0].final()["output_ids"] == refs["short"]
             # the controller's clock started after t0: this bound is the stricter one
             precopy_end = t0 + out["elapsed_ms"]["precopy_ms"] / 1e3
-            assert events[0].ended < min(done, precopy_end), (events[0].ended - t0, out)
+            assert events[0].ended < min(done, precopy_end), _late(srv.url, f"short-{n}",
+                                                                  events[0], t0, wall0, out)
             assert events[1].final()["output_ids"] == refs["arrive"]
             assert events[2].final()["output_ids"] == refs["prefix"]
             finish = doomed.final()["meta_info"]["finish_reason"]
@@ -175,6 +176,16 @@ def test_requests_finish_arrive_and_abort_during_a_precopy(srv, knobs):
                 assert again["meta_info"]["cached_tokens"] >= 600, again["meta_info"]
     finally:
         knobs["floor"].write_text("")
+
+
+def _late(url: str, rid: str, event: Stream, t0: float, wall0: float, out: dict) -> str:
+    """Where a request that should have finished during the pre-copy went: the
+    scheduler's decisions about it (seconds after the POST) and its chunks' count."""
+    decisions = requests.get(url + "/gyges/status", timeout=30).json()["scheduler"]["decisions"]
+    mine = [{**d, "t": round(d["t"] - wall0, 3)} for d in decisions if d["rid"] == rid]
+    return (f"{rid} ended {event.ended - t0:.3f}s after the POST ({len(event.chunks)} chunks); "
+            f"decisions: {mine}; reply elapsed_ms: {out['elapsed_ms']}, "
+            f"precopy: {out.get('precopy')}")
 
 
 def test_no_staging_memory_means_stop_the_world_and_the_next_one_precopies(srv, knobs):
