@@ -103,7 +103,9 @@ class HostController:
     def _on_job(self, msg: Message) -> Message:
         if self.transformer is None:
             raise ControlError("merge/split are not available on this server", 503)
-        return self.transformer.poll(msg)
+        # Never waits: the control thread serves every process one message at a time, and
+        # a health probe (2 s budget) queued behind a waiting poll would see a dead host.
+        return self.transformer.poll({**msg, "wait_s": 0.0})
 
     def start_transformation(self, op: str, ranks: tuple[int, ...]) -> int:
         """Start a merge/split job as the admin API does; return its id (ControlError)."""

@@ -148,16 +148,24 @@ def test_requests_finish_arrive_and_abort_during_a_precopy(srv, knobs):
             doomed = Stream(srv.url, LONG[1], 2 * NEW, rid=f"doomed-{n}")
             _started([long, doomed])
             result: dict = {}
+            health: list[int] = []
             t0, wall0 = time.monotonic(), time.time()
             worker = threading.Thread(target=_post_into, args=(srv.url, op, result), daemon=True)
             worker.start()
+            probes = threading.Thread(target=_probe_health, args=(srv.url, worker, health),
+                                      daemon=True)
+            probes.start()
             time.sleep(0.4)
             events = [Stream(srv.url, short, 6, rid=f"short-{n}"), Stream(srv.url, arrive, 120),
                       Stream(srv.url, with_prefix, 4)]
             time.sleep(0.3)
             requests.post(srv.url + "/abort_request", json={"rid": f"doomed-{n}"}, timeout=30)
             worker.join(timeout=120)
+            probes.join(timeout=30)
             assert result.get("status") == 200, result
+            # /health asks the controller (2 s budget) while the job is polled over the
+            # same channel: it must not answer 503 mid-transformation
+            assert len(health) >= 5 and set(health) == {200}, health
             out, done = result["out"], time.monotonic()
             assert out["precopy"]["ms"] >= 7500, out["precopy"]  # the events met it
             assert out["requests_moved"]["running"] >= 1, out
@@ -176,6 +184,13 @@ def test_requests_finish_arrive_and_abort_during_a_precopy(srv, knobs):
                 assert again["meta_info"]["cached_tokens"] >= 600, again["meta_info"]
     finally:
         knobs["floor"].write_text("")
+
+
+def _probe_health(url: str, worker: threading.Thread, statuses: list[int]) -> None:
+    """``GET /health`` every 0.5 s while ``worker`` (a merge or split) runs."""
+    while worker.is_alive():
+        statuses.append(requests.get(url + "/health", timeout=30).status_code)
+        time.sleep(0.5)
 
 
 def _late(url: str, rid: str, event: Stream, t0: float, wall0: float, out: dict) -> str:

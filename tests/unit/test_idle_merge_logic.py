@@ -457,3 +457,39 @@ def test_transform_metrics_count_bytes_and_durations(tmp_path, monkeypatch):
                                   "precopy": {"bytes": 5000, "weight_bytes": 32}})
     assert get("gyges:precopy_bytes_total", {"op": "split"}) == 5000
     assert get("gyges:cutover_seconds_sum", {"op": "split"}) == pytest.approx(0.04)
+
+
+def test_a_front_end_polling_a_running_job_does_not_hold_the_control_channel(tmp_path):
+    """The HTTP server's /health asks the controller with a 2 s budget while a merge runs;
+    the merge's own job polls come through the same single-threaded channel (until
+    2026-12-07 each poll waited up to 2 s there, so /health could answer 503 mid-merge)."""
+    from gyges.config import GygesConfig
+    from gyges.control.channel import ControlServer, control_address, request
+    from gyges.host_controller import HostController
+
+    block = threading.Event()
+    tr, _, _ = make(FakeBus(block=block))
+    cfg = GygesConfig.build(enabled=True, tp_size=1, dp_size=2, max_tp=None, policy="gyges",
+                            num_kv_heads=4)
+    host = HostController(cfg, lambda: {})
+    host.transformer = tr
+    addr = control_address(f"ipc://{tmp_path}/ctl")
+    ControlServer(addr, host.handlers()).start()
+    job = tr.start({"op": "merge", "ranks": [0, 1]})["job"]
+    polls: list[dict] = []
+    try:
+        poller = threading.Thread(target=lambda: polls.append(
+            request(addr, {"op": "job", "job": job, "wait_s": 2.0}, timeout_s=10)))
+        poller.start()
+        time.sleep(0.2)  # the poll is being served
+        assert request(addr, {"op": "health"}, timeout_s=1.5) == {"ok": True,
+                                                                  "out_of_service": None}
+        poller.join(timeout=10)
+        assert polls == [{"ok": True, "done": False}]
+    finally:
+        block.set()
+    deadline = time.monotonic() + 10
+    while not (reply := request(addr, {"op": "job", "job": job}))["done"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert reply["result"]["op"] == "merge"

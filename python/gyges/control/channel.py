@@ -43,6 +43,8 @@ class ControlServer:
     """ROUTER socket served by a daemon thread; ``handlers[op](msg)`` returns the reply.
 
     Handlers run on the server thread, one at a time; they may raise :class:`ControlError`.
+    A handler must not wait for long: every process's messages (health probes included)
+    queue behind it.
     """
 
     def __init__(self, address: str, handlers: dict[str, Handler]) -> None:

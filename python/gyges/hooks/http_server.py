@@ -5,6 +5,7 @@ controller over the control channel.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -18,6 +19,7 @@ from gyges.hooks.tokenizer_manager import install_limits
 
 TARGET = "sglang.srt.entrypoints.http_server._setup_and_run_http_server"
 TRANSFORM_TIMEOUT_S = 300.0
+JOB_POLL_S = 0.05  # between polls of a running merge/split (the controller never waits)
 MAX_BODY_BYTES = 64 * 1024
 
 
@@ -141,13 +143,14 @@ def install_routes(app: Any, address: str, *, api_key: str | None = None,
             job = reply["job"]
             deadline = time.monotonic() + TRANSFORM_TIMEOUT_S
             while time.monotonic() < deadline:
-                reply = await async_request(address, {"op": "job", "job": job, "wait_s": 2.0},
+                reply = await async_request(address, {"op": "job", "job": job},
                                             timeout_s=30.0)
                 if not reply.pop("ok"):
                     return ORJSONResponse({"error": reply["error"]},
                                           status_code=reply["status"])
                 if reply["done"]:
                     return ORJSONResponse(reply["result"])
+                await asyncio.sleep(JOB_POLL_S)
         except TimeoutError as e:
             return ORJSONResponse({"error": str(e)}, status_code=503)
         return ORJSONResponse({"error": f"{op} did not finish in {TRANSFORM_TIMEOUT_S:g}s"},
