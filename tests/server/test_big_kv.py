@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from gyges.testing.clients import start_streams
+from gyges.testing.clients import abort_once_past, start_streams
 from gyges.testing.server import SGLangServer, tiny_model
 from gyges.testing.tiny_model import TinyModelSpec
 
@@ -56,17 +56,7 @@ def test_big_kv_merge_split_ten_times_exact(big):
         r = requests.post(big.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120)
         assert r.status_code == 200, r.text
         splits.append(r.json())
-    deadline = time.monotonic() + 600
-    while min(_tokens(c) for c in got.values()) < NEW_TOKENS:
-        assert all(t.is_alive() for t in threads), "a stream ended early"
-        assert time.monotonic() < deadline, "streams stalled"
-        time.sleep(0.2)
-    r = requests.post(big.url + "/abort_request", json={"rid": "", "abort_all": True},
-                      timeout=30)
-    assert r.status_code == 200, r.text
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "aborted streams did not end"
+    finals = abort_once_past(big.url, threads, got, NEW_TOKENS)
     for out, elapsed in merges:
         assert out["requests_moved"]["running"] == 4, out["requests_moved"]
         # the reply describes the merged instance as the switch left it (its leader's load
@@ -77,11 +67,6 @@ def test_big_kv_merge_split_ten_times_exact(big):
     for out in splits:
         assert sum(i["running"] for i in out["instances"]) == 4, out["instances"]
         assert sum(i["used_tokens"] for i in out["instances"]) >= 4 * 3500, out["instances"]
-    for i, want in enumerate(ref):
-        last = max((c for c in got[i] if "output_ids" in c), key=lambda c: len(c["output_ids"]))
-        assert last["output_ids"][:NEW_TOKENS] == want, f"stream {i} diverged"
-        assert last["meta_info"]["num_retractions"] == 0
-
-
-def _tokens(chunks: list[dict]) -> int:
-    return max((len(c.get("output_ids", ())) for c in chunks), default=0)
+    for i, (want, final) in enumerate(zip(ref, finals, strict=True)):
+        assert final["output_ids"][:NEW_TOKENS] == want, f"stream {i} diverged"
+        assert final["meta_info"]["num_retractions"] == 0

@@ -142,7 +142,7 @@ def test_hierarchical_merge_and_split_with_requests_in_flight(dp4, baseline):
     reference's tokens, so none ends before the last step however fast the machine, and
     are aborted once past it; their first ``NEW`` tokens are compared (a greedy output of
     a longer request begins with the shorter one's)."""
-    from gyges.testing.clients import start_streams, stream_generate
+    from gyges.testing.clients import abort_once_past, start_streams, stream_generate
 
     new = 300
     prompts = [[(11 * i + 7 * j) % 500 + 3 for j in range(n)]
@@ -157,28 +157,14 @@ def test_hierarchical_merge_and_split_with_requests_in_flight(dp4, baseline):
         out = _transform(dp4.url, op, ranks)
         moved.append(out["requests_moved"]["running"])
         assert _topology(dp4.url) == topology
-    assert all(t.is_alive() for t in threads), [
-        (_tokens(c), c[-1]["meta_info"].get("finish_reason")) for c in got.values()]
-    deadline = time.monotonic() + 600
-    while min(_tokens(c) for c in got.values()) < new:
-        assert time.monotonic() < deadline, "streams stalled"
-        time.sleep(0.1)
-    r = requests.post(dp4.url + "/abort_request", json={"rid": "", "abort_all": True},
-                      timeout=30)
-    assert r.status_code == 200, r.text
-    for t in threads:
-        t.join(timeout=120)
+    assert all(t.is_alive() for t in threads), "a stream ended before the last step"
+    finals = abort_once_past(dp4.url, threads, got, new)
     # every stream is on some instance of every step's group (two per replica by load)
     assert all(m >= 2 for m in moved), moved
-    for i, r in enumerate(ref):
-        final = max((c for c in got[i] if "output_ids" in c), key=lambda c: len(c["output_ids"]))
+    for i, (r, final) in enumerate(zip(ref, finals, strict=True)):
         assert final["output_ids"][:new] == r, f"request {i} diverged"
         assert final["meta_info"]["num_retractions"] == 0
     assert greedy_outputs(dp4.url) == baseline
-
-
-def _tokens(chunks: list[dict]) -> int:
-    return max((len(c.get("output_ids", ())) for c in chunks), default=0)
 
 
 def _rss(pid: int) -> int:

@@ -139,6 +139,33 @@ def wait_for_more_chunks(got: dict[int, list[dict]], chunks: int,
         time.sleep(0.05)
 
 
+def abort_once_past(url: str, threads: list[threading.Thread], got: dict[int, list[dict]],
+                    tokens: int, timeout_s: float = 600.0) -> list[dict]:
+    """Wait until every stream of :func:`start_streams` has streamed ``tokens`` output
+    tokens, abort them all (``/abort_request`` ``abort_all``) and join them; return each
+    stream's longest chunk (its output so far). For streams that ask for more tokens than a
+    test compares, so that none ends before the transformations it must meet: a greedy
+    output of a longer request begins with the shorter one's. A stream that ends on its
+    own first fails (its output count and finish reason are listed)."""
+    def done(chunks: list[dict]) -> int:
+        return max((len(c.get("output_ids", ())) for c in chunks), default=0)
+
+    deadline = time.monotonic() + timeout_s
+    while min(done(c) for c in got.values()) < tokens:
+        assert all(t.is_alive() for t in threads), [
+            (done(c), c[-1]["meta_info"].get("finish_reason") if c else None)
+            for c in got.values()]
+        assert time.monotonic() < deadline, "streams stalled"
+        time.sleep(0.1)
+    r = requests.post(url + "/abort_request", json={"rid": "", "abort_all": True}, timeout=30)
+    assert r.status_code == 200, r.text
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "aborted streams did not end"
+    return [max((c for c in got[i] if "output_ids" in c), key=lambda c: len(c["output_ids"]))
+            for i in sorted(got)]
+
+
 def split_all(url: str, timeout_s: float = 120.0) -> None:
     """Split every merged instance of the host back to TP1 replicas (test cleanup: a test
     that failed between its merge and its split must not leave the next test a merged
