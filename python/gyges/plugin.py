@@ -15,6 +15,7 @@ from gyges.hooks import (
     kv_cache_configurator,
     model_runner,
     models,
+    schedule_policy,
     scheduler,
     server_args,
     tokenizer_manager,
@@ -37,6 +38,10 @@ def load() -> None:
         HookType.BEFORE)
     reg(f"{scheduler.TARGET}.ingest_requests", scheduler.after_ingest_requests, HookType.AFTER)
     reg(f"{scheduler.TARGET}.send_control_output", scheduler.after_send_control_output,
+        HookType.AFTER)
+    reg(f"{scheduler.TARGET}.get_new_batch_prefill", scheduler.before_get_new_batch_prefill,
+        HookType.BEFORE)
+    reg(f"{schedule_policy.TARGET}.calc_priority", schedule_policy.after_calc_priority,
         HookType.AFTER)
     reg(f"{scheduler.TARGET}.is_disable_overlap_for_batch",
         scheduler.after_is_disable_overlap_for_batch, HookType.AFTER)

@@ -4,17 +4,20 @@
 - a request too long for one replica merges the group by itself (live: short requests
   keep running), is served with stock SGLang's output (one replica configured with 8192
   slots), and the group splits back after the hold-down;
-- a long request held for its merge can be aborted.
+- a long request held for its merge can be aborted;
+- on the merged instance a long request retracts short running requests that hold the
+  merged pool instead of waiting for them to finish.
 """
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from gyges.testing.clients import generate_ids, wait_until_streaming
+from gyges.testing.clients import generate_ids, start_streams, wait_until_streaming
 from gyges.testing.server import SGLangServer, tiny_model
 from gyges.testing.tiny_model import LLAMA_GQA
 
@@ -25,6 +28,11 @@ NEW_TOKENS = 16
 # The session request that holds the merge: as long as one replica allows (3 + 1000 of its
 # 1016 usable slots), about 5 s of ~5 ms decode steps here.
 BLOCKER_TOKENS = 1000
+# One short stream per replica, 60 + 950 of its 1016 usable slots; then a request of
+# 1500 + 8 that only the merged pool (2032 usable) holds, while the short ones hold most of it.
+PREEMPT_SHORT = [[(11 * i + 5 * j) % 250 + 3 for j in range(60)] for i in range(2)]
+PREEMPT_SHORT_TOKENS = 950
+PREEMPT_LONG = [(5 * j) % 280 + 9 for j in range(1500)]
 
 
 def status(url: str) -> dict:
@@ -40,7 +48,10 @@ def reference():
     """Stock SGLang, one replica large enough for every prompt here."""
     with SGLangServer(tiny_model(LLAMA_GQA), dp_size=1, max_total_tokens=8192) as srv:
         return {"long": [generate_ids(srv.url, x, NEW_TOKENS) for x in LONG],
-                "short": [generate_ids(srv.url, x, NEW_TOKENS) for x in SHORT]}
+                "short": [generate_ids(srv.url, x, NEW_TOKENS) for x in SHORT],
+                "preempt_short": [generate_ids(srv.url, x, PREEMPT_SHORT_TOKENS)
+                                  for x in PREEMPT_SHORT],
+                "preempt_long": generate_ids(srv.url, PREEMPT_LONG, NEW_TOKENS)}
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +137,41 @@ def test_long_request_merges_by_itself_matches_stock_and_splits_back(srv, refere
     assert st["counters"]["auto_splits"]["done"] >= 1 and st["auto_merged"] == []
     assert [generate_ids(srv.url, x, NEW_TOKENS) for x in SHORT] == reference["short"]
 
+
+
+def test_a_long_request_retracts_short_ones_on_its_merged_instance(srv, reference):
+    """Two short streams (one pinned to each replica) hold most of the merged pool when a
+    request only TP2 can hold arrives. It merges the group and is admitted at once: the
+    merged instance retracts just enough short streams (SGLang's retraction: recomputed when
+    admitted again) instead of making it wait until they finish. Without that it finishes
+    after them. Every output equals stock SGLang's."""
+    wait_for_split(srv.url)
+    merges: list[dict] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # the merge's reply, before the hold-down splits the group
+        while not stop.is_set():
+            last = status(srv.url).get("last_transformation") or {}
+            if last.get("op") == "merge" and last not in merges:
+                merges.append(last)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    threads, got = start_streams(srv.url, PREEMPT_SHORT, PREEMPT_SHORT_TOKENS, min_chunks=5,
+                                 extras=[{"routed_dp_rank": i} for i in range(2)])
+    try:
+        out = generate_ids(srv.url, PREEMPT_LONG, NEW_TOKENS)
+        finished_first = [i for i, t in enumerate(threads) if not t.is_alive()]
+    finally:
+        for t in threads:
+            t.join(timeout=300)
+        stop.set()
+        watcher.join(timeout=30)
+    assert out == reference["preempt_long"]
+    assert finished_first == [], "the long request waited for short streams to finish"
+    assert [got[i][-1]["output_ids"] for i in range(2)] == reference["preempt_short"]
+    assert merges and merges[-1]["requests_moved"]["running"] == 2, merges
+    wait_for_split(srv.url)
+    split = status(srv.url)["last_transformation"]
+    assert split["op"] == "split" and split["retracted_for_long"] >= 1, split

@@ -238,6 +238,10 @@ class Transformer:
                                       for key in ("running", "waiting")},
                                    # counted in "waiting" too (a parked prefill waits)
                                    "chunked_prefills": _parked(job.kind, ranks, members)},
+                # running requests the old instances retracted for long ones since their
+                # last transformation (gyges.switch.admission)
+                "retracted_for_long": _per_old_instance("retracted_for_long", job.kind,
+                                                        ranks, members),
                 **({"precopy": _precopy_totals(members)} if staged is not None else
                    {"precopy": {"skipped": skipped[0]}} if skipped else {}),
                 "elapsed_ms": phases, "held_requests_sent": held, "ready_polls": polls,
@@ -334,15 +338,21 @@ def _summary(job: Job) -> Message:
         out.update({"cutover_ms": res["elapsed_ms"].get("cutover_ms"),
                     "total_ms": res["elapsed_ms"].get("total_ms"),
                     "cutover_kv_bytes": res.get("cutover_kv_bytes", 0),
-                    "precopy": res.get("precopy"), "requests_moved": res["requests_moved"]})
+                    "precopy": res.get("precopy"), "requests_moved": res["requests_moved"],
+                    "retracted_for_long": res.get("retracted_for_long", 0)})
     return out
 
 
 def _parked(kind: str, ranks: tuple[int, ...], members: list[Message]) -> int:
-    """Chunked prefills in flight that the transformation parked and moved (every rank of
-    an old instance reports its instance's one)."""
+    """Chunked prefills in flight that the transformation parked and moved."""
+    return _per_old_instance("chunked_prefills_parked", kind, ranks, members)
+
+
+def _per_old_instance(key: str, kind: str, ranks: tuple[int, ...],
+                      members: list[Message]) -> int:
+    """The sum over the old instances of a count every rank of an instance reports alike."""
     per_instance = len(ranks) // 2 if kind == "merge" else len(ranks)
-    return sum(int(m.get("chunked_prefills_parked", 0)) for m in members) // per_instance
+    return sum(int(m.get(key, 0)) for m in members) // per_instance
 
 
 def _precopy_totals(members: list[Message]) -> Message:

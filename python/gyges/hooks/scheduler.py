@@ -99,6 +99,21 @@ def _abort_marked(scheduler: Any, received: Any) -> None:
                 scheduler.abort_request(AbortReq(rid=req.rid))
 
 
+def before_get_new_batch_prefill(scheduler: Any, running_batch: Any, *args: Any,
+                                 **kwargs: Any) -> None:
+    """On a merged instance, before SGLang forms a prefill batch: the waiting requests one
+    replica could not hold go first, and short running requests are retracted until the
+    first of them fits (:mod:`gyges.switch.admission`)."""
+    member = getattr(scheduler, "_gyges_member", None)
+    if member is None or member.tp == 1 or not scheduler.waiting_queue:
+        return None
+    from gyges.switch.admission import make_room
+
+    member.retracted_for_long += len(make_room(scheduler, running_batch,
+                                               member.replica_usable))
+    return None
+
+
 def after_is_disable_overlap_for_batch(result: bool, scheduler: Any, batch: Any = None,
                                        last_batch: Any = None) -> bool | None:
     """Once after a transformation, under the overlap scheduler: process the first step's

@@ -39,6 +39,7 @@ from gyges.core.migration_plan import (
     merge_offset,
     plan_split,
 )
+from gyges.core.request_limits import usable_tokens
 from gyges.core.transfer_plan import plan_digest
 from gyges.switch import capacity, chunked, migration, scheduler_state
 from gyges.switch import model as model_switch
@@ -99,6 +100,10 @@ class GroupMember:
         # (hooks/scheduler.after_is_disable_overlap_for_batch): set by each switch
         self.flush_after_switch = False
         self.stall_watch = StallWatch(self.rank)
+        # One TP1 replica's usable KV: a request needing more only a merged instance holds.
+        self.replica_usable = usable_tokens(int(scheduler.max_total_num_tokens),
+                                            int(scheduler.page_size))
+        self.retracted_for_long = 0  # requests retracted so that a long one is admitted
         commands.handlers.update(idle=self.on_idle, merge=self.on_merge, split=self.on_split,
                                  precopy=self.on_precopy,
                                  precopy_status=self.on_precopy_status,
@@ -349,7 +354,14 @@ class GroupMember:
                 "kv_bytes_moved": moved.bytes_sent, "kv_bytes_local": moved.bytes_local,
                 **self._precopy_done(pc, staged),
                 "sliced_weight_bytes": weight_bytes, "weight_bytes_released": released,
-                "chunked_prefills_parked": int(parked is not None), **moved_reqs}
+                "chunked_prefills_parked": int(parked is not None),
+                "retracted_for_long": self._take_retracted(), **moved_reqs}
+
+    def _take_retracted(self) -> int:
+        """Requests this rank's instance retracted for long ones since its last
+        transformation (:mod:`gyges.switch.admission`); the count restarts."""
+        n, self.retracted_for_long = self.retracted_for_long, 0
+        return n
 
     def on_split(self, msg: Message) -> Message:
         """A TP-k instance becomes its two halves (TP-k/2 each); every running request goes
@@ -453,6 +465,7 @@ class GroupMember:
         return {"tp": k_new, "phases_ms": ph.ms, "clock_s": ph.clock(), "capacity_tokens": cap,
                 "kv_bytes_moved": moved.bytes_sent, "kv_bytes_local": moved.bytes_local,
                 "pages_copied": len(split.copies), **self._precopy_done(pc, staged),
+                "retracted_for_long": self._take_retracted(),
                 "chunked_prefills_parked": int(parked is not None),
                 "prefix_nodes_dropped": cache.dropped_nodes,
                 "prefix_tokens_dropped": cache.dropped_tokens,
