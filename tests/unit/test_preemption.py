@@ -22,8 +22,8 @@ def test_the_fewest_output_tokens_go_first_and_no_more_than_needed() -> None:
     assert plan_retraction(701, running) == [1, 2]
 
 
-def test_long_requests_are_never_retracted_and_too_little_means_none() -> None:
-    running = [Running(0, 3000, 0, 1, long=True), Running(1, 200, 50, 9)]
+def test_kept_requests_are_never_retracted_and_too_little_means_none() -> None:
+    running = [Running(0, 3000, 0, 1, keep=True), Running(1, 200, 50, 9)]
     assert plan_retraction(250, running) == [1]
     assert plan_retraction(251, running) is None
 
@@ -38,14 +38,14 @@ def test_ties_retract_the_latest_in_the_batch_first() -> None:
        st.integers(-100, 20000))
 def test_a_plan_frees_enough_retracts_only_short_and_is_minimal(
         rows: list[tuple[int, int, int, bool]], shortfall: int) -> None:
-    running = [Running(i, h, r, p, long) for i, (h, r, p, long) in enumerate(rows)]
+    running = [Running(i, h, r, p, keep) for i, (h, r, p, keep) in enumerate(rows)]
     plan = plan_retraction(shortfall, running)
-    short = [r for r in running if not r.long]
+    short = [r for r in running if not r.keep]
     if plan is None:
         assert sum(r.held + r.reserved for r in short) < shortfall
         return
     chosen = [running[i] for i in plan]
-    assert all(not r.long for r in chosen)
+    assert all(not r.keep for r in chosen)
     freed = sum(r.held + r.reserved for r in chosen)
     assert freed >= shortfall or plan == []
     if chosen:  # the last one added was needed

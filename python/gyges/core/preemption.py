@@ -7,7 +7,8 @@ run on one replica. SGLang preempts running requests for a waiting one only unde
 scheduling and only when the batch is full by request count, never for KV tokens. So a
 merged instance retracts *short* running requests (those one replica could hold; SGLang's
 own retraction: their KV is freed, they wait again and are recomputed) until the long
-request fits. Long running requests are never retracted: nothing else can hold them.
+request fits. Long running requests are never retracted (nothing else can hold them), nor
+requests whose state SGLang's retraction does not keep (the engine side says which).
 
 Order: the fewest output tokens first (the least decoding redone), then the latest in the
 batch. Every rank of the instance computes the same plan from the same state.
@@ -23,14 +24,14 @@ class Running:
     """One running request as the plan sees it.
 
     ``held``: KV slots it holds; ``reserved``: slots the admission check sets aside for its
-    remaining output; ``progress``: output tokens so far; ``long``: one replica could not
-    hold it (it is never retracted)."""
+    remaining output; ``progress``: output tokens so far; ``keep``: never retracted (one
+    replica could not hold it, or a retraction would change its output)."""
 
     index: int  # position in the running batch
     held: int
     reserved: int
     progress: int
-    long: bool = False
+    keep: bool = False
 
 
 def plan_retraction(shortfall: int, running: Sequence[Running]) -> list[int] | None:
@@ -41,7 +42,7 @@ def plan_retraction(shortfall: int, running: Sequence[Running]) -> list[int] | N
     free enough: then none is retracted (the long request waits, as it would anyway)."""
     if shortfall <= 0:
         return []
-    short = sorted((r for r in running if not r.long), key=lambda r: (r.progress, -r.index))
+    short = sorted((r for r in running if not r.keep), key=lambda r: (r.progress, -r.index))
     chosen: list[int] = []
     for r in short:
         chosen.append(r.index)

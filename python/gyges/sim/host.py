@@ -40,6 +40,7 @@ class ElasticKind:
     capacity: Callable[[int], int]  # KV tokens of an instance of k ranks
     step: Callable[[int], StepModel]
     transform: Transform
+    long_first: bool = False  # merged instances admit as Gyges' (gyges.switch.admission)
 
 
 @dataclass
@@ -75,7 +76,9 @@ class SimHost:
     def _instance(self, ranks: tuple[int, ...]) -> Instance:
         k = len(ranks)
         return Instance(self.loop, ranks, self.kind.capacity(k), self.kind.step(k),
-                        self._finished, cpu=self.cpu)
+                        self._finished, cpu=self.cpu,
+                        long_above=usable_tokens(self.kind.capacity(1), 1)
+                        if k > 1 and self.kind.long_first else None)
 
     # -- requests ---------------------------------------------------------------------
 

@@ -2,7 +2,11 @@
 
 SGLang's default loop, coarsened to events: waiting requests are admitted FIFO when their
 whole need (prompt + output) fits the free KV, admitted prompts are prefilled in chunks
-while decode waits, then the running batch decodes one token per request per step. A decode
+while decode waits, then the running batch decodes one token per request per step. A merged
+instance (``long_above`` set) admits as the live one does (:mod:`gyges.switch.admission`):
+requests one replica cannot hold first, retracting short running ones until the first fits
+(:func:`gyges.core.preemption.plan_retraction`); a retracted request is recomputed from its
+prompt and the tokens it had, which it keeps. A decode
 segment runs until the next request finishes; an arrival that fits (or a pause) cuts it at
 the next step boundary, so every state change happens on a real step boundary.
 
@@ -18,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from gyges.core.preemption import Running, plan_retraction
 from gyges.sim.cpu import HostCpu
 from gyges.sim.engine import EventLoop, Handle
 
@@ -31,8 +36,8 @@ class StepModel(Protocol):
 
 
 class SimRequest:
-    __slots__ = ("arrival", "c0", "done_step", "failed", "finish", "first_token", "need", "output",
-                 "prompt", "rid", "start_step")
+    __slots__ = ("arrival", "c0", "carried", "done_step", "failed", "finish", "first_token",
+                 "need", "output", "prompt", "rid", "start_step")
 
     def __init__(self, rid: int, arrival: float, prompt: int, output: int) -> None:
         self.rid, self.arrival, self.prompt, self.output = rid, arrival, prompt, output
@@ -43,6 +48,7 @@ class SimRequest:
         self.start_step = 0
         self.done_step = 0
         self.c0 = 0  # KV tokens it holds = c0 + the instance's decode step counter
+        self.carried = 0  # output tokens it had when it was last retracted (recomputed)
 
 
 Finished = Callable[["SimRequest"], None]
@@ -50,13 +56,16 @@ Finished = Callable[["SimRequest"], None]
 
 class Instance:
     """``ranks``: the scheduler ranks it spans; ``capacity``: KV tokens it holds; ``cpu``:
-    the cores its host shares among busy instances (CPU calibrations only)."""
+    the cores its host shares among busy instances (CPU calibrations only); ``long_above``:
+    on a merged Gyges instance, the need above which one replica cannot hold a request."""
 
     def __init__(self, loop: EventLoop, ranks: tuple[int, ...], capacity: int,
                  step: StepModel, on_finish: Finished, max_running: int = 1024,
-                 cpu: HostCpu | None = None) -> None:
+                 cpu: HostCpu | None = None, long_above: int | None = None) -> None:
         self.loop, self.ranks, self.capacity, self.step = loop, ranks, capacity, step
         self.on_finish, self.max_running, self.cpu = on_finish, max_running, cpu
+        self.long_above = long_above
+        self.retracted = 0  # running requests retracted for long ones
         self._busy = False  # counted in cpu.busy
         if cpu is not None:
             cpu.add(self)
@@ -100,8 +109,8 @@ class Instance:
             return
         if self._seg is None:
             self._next()
-        elif self._fits_head():
-            self._cut()
+        elif self._fits_head() or (self.long_above is not None and req.need > self.long_above):
+            self._cut()  # a long request may retract at the next step (_long_first)
 
     def adopt(self, running: list[SimRequest], waiting: list[SimRequest]) -> None:
         """Take over requests from instances that transformed into this one (their
@@ -159,6 +168,8 @@ class Instance:
             return
         if self.paused:
             return
+        if self.long_above is not None:
+            self._long_first(self.long_above)
         admitted = []
         while self._fits_head():
             r = self.waiting.popleft()
@@ -167,8 +178,8 @@ class Instance:
             admitted.append(r)
         self._set_busy(bool(admitted or self.running))
         if admitted:
-            tokens = sum(r.prompt for r in admitted)
-            pairs = sum(r.prompt * r.prompt / 2 for r in admitted)
+            tokens = sum(r.prompt + r.carried for r in admitted)
+            pairs = sum((r.prompt + r.carried) ** 2 / 2 for r in admitted)
             dt = self.step.prefill(tokens, pairs, len(admitted)) * self._scale()
             self._prefilling, self._prefill_dt = True, dt
             self.busy_s += dt
@@ -196,23 +207,53 @@ class Instance:
     def _prefilled(self, admitted: list[SimRequest]) -> None:
         self._prefilling = False
         now = self.loop.now
+        first = [r for r in admitted if r.first_token is None]  # not recomputed ones
         for r in admitted:
-            r.first_token = now
+            if r.first_token is None:
+                r.first_token = now
             self.tokens_out += 1
-            if r.output <= 1:
+            made = r.carried + 1
+            if r.output <= made:
                 self.used -= r.need
                 r.finish = now
                 self.on_finish(r)
             else:
-                r.start_step, r.done_step = self.steps, self.steps + r.output - 1
-                self._add_running(r, r.prompt + 1)
+                r.start_step, r.done_step = self.steps, self.steps + r.output - made
+                self._add_running(r, r.prompt + made)
         self._next()
         if self.lag_steps:  # the first token leaves after the step launched meanwhile
             lag = self.lag_steps * self._started_step_s(now, admitted)
-            for r in admitted:
+            for r in first:
                 r.first_token = now + lag
                 if r.output <= 1:
                     r.finish = r.first_token
+
+    def _long_first(self, above: int) -> None:
+        """Requests one replica cannot hold first; if the first does not fit, retract short
+        running requests (the live merged instance's rule, on the full needs this model
+        reserves). Retracted requests wait at the end of the queue."""
+        if not any(r.need > above for r in self.waiting):
+            return
+        self.waiting = deque([r for r in self.waiting if r.need > above]
+                             + [r for r in self.waiting if r.need <= above])
+        shortfall = self.waiting[0].need - (self.capacity - self.used)
+        rows = sorted(self.running)
+        plan = plan_retraction(shortfall, [
+            Running(i, r.need, 0, r.output - (done - self.steps), keep=r.need > above)
+            for i, (done, _, r) in enumerate(rows)])
+        if not plan:
+            return
+        chosen = set(plan)
+        self.running = [row for i, row in enumerate(rows) if i not in chosen]
+        heapq.heapify(self.running)
+        for i in plan:
+            done, _, r = rows[i]
+            self._ctx0 -= r.c0
+            self.used -= r.need
+            r.carried = r.output - (done - self.steps)
+            self.waiting.append(r)
+            self.waiting_need += r.need
+            self.retracted += 1
 
     def _started_step_s(self, now: float, admitted: list[SimRequest]) -> float:
         """Duration of the step launched at ``now``; when none is left to run, the decode

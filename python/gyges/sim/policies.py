@@ -107,7 +107,8 @@ def _elastic(name: str, s: SimSetup, loop: EventLoop, on_finish: Finished,
         tc = TransformCost(m, s.params, plan, base)
         kind = ElasticKind(lambda k: plan.gyges(k * base, base),
                            lambda k: TPStep(cost, k * base),
-                           lambda op, a, b, used: tc.duration(op, a, b, used))
+                           lambda op, a, b, used: tc.duration(op, a, b, used),
+                           long_first=True)
     elif name == "flying":
         kind = ElasticKind(lambda k: plan.flying(k * base, base),
                            lambda k: TPStep(cost, k * base),

@@ -47,7 +47,7 @@ def make_room(scheduler: Any, running_batch: Any, replica_usable: int) -> list[s
     head = queue[0]
     ratio = float(scheduler.new_token_ratio_tracker.current)
     running = [Running(i, _held(r), _reserved(r, ratio), len(r.output_ids),
-                       long=is_long(r) or _need(r) > replica_usable)
+                       keep=_need(r) > replica_usable or not retractable(r))
                for i, r in enumerate(running_batch.reqs) if not r.finished()]
     free = (scheduler.token_to_kv_pool_allocator.available_size()
             + scheduler.tree_cache.evictable_size()
@@ -76,6 +76,21 @@ def _retract(scheduler: Any, batch: Any, plan: list[int], head: Any) -> list[str
                 "the merged instance can hold, is admitted", len(rids), ", ".join(rids),
                 head.rid)
     return rids
+
+
+def retractable(req: Any) -> bool:
+    """Whether SGLang's retraction keeps what the request's next tokens depend on. It keeps
+    the tokens and the grammar matcher (the request is recomputed from its prompt and
+    output), but rebuilds the penalizers from zero (frequency, presence and repetition
+    penalties, ``min_new_tokens`` not yet met), and resets logprob bookkeeping; a custom
+    logit processor may keep state of its own, sessions and beam groups have theirs."""
+    p = req.sampling_params
+    penalised = (float(p.frequency_penalty or 0.0) != 0.0 or float(p.presence_penalty or 0.0)
+                 != 0.0 or float(p.repetition_penalty or 1.0) != 1.0
+                 or int(p.min_new_tokens or 0) > len(req.output_ids))
+    return not (penalised or req.return_logprob or req.custom_logit_processor is not None
+                or getattr(req, "session", None) is not None
+                or getattr(req, "beam_group", None) is not None)
 
 
 def _need(req: Any) -> int:
