@@ -55,6 +55,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
+from gyges.testing.clients import STREAM_READ_BYTES  # noqa: E402
 from gyges.testing.server import SGLangServer, tiny_model  # noqa: E402
 from gyges.testing.tiny_model import TinyModelSpec  # noqa: E402
 
@@ -68,7 +69,8 @@ def _stream(url: str, ids: list[int], new: int, times: list[float]) -> None:
             "sampling_params": {"temperature": 0, "max_new_tokens": new, "ignore_eos": True}}
     with requests.post(url + "/generate", json=body, stream=True, timeout=900) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
+        # one read per event (SGLang sends one per HTTP chunk), as the test clients do
+        for line in r.iter_lines(chunk_size=STREAM_READ_BYTES):
             if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
                 times.append(time.perf_counter())
 

@@ -430,8 +430,11 @@ class GroupMember:
             runner = s.tp_worker.model_runner
             padded = model_switch.padded_weights(runner.model)
             inject("split", "weight_restore", self.rank)
+            # After a pre-copy every member restored its shards already (its thread ends
+            # with the restore; a failed one leaves no pre-copy, and the plan vote made the
+            # members agree on having one): nothing is left, not even the residency gather.
             restored = restore_shards(padded, k, k_new, r, group.device_group) \
-                if padded else None
+                if padded and pc is None else None
             ph.mark("weight_restore_ms")
             old = self.coordinator
             model_switch.restore_tp1(runner.model)
