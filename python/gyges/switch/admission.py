@@ -53,8 +53,9 @@ def make_room(scheduler: Any, running_batch: Any, replica_usable: int) -> list[s
             + scheduler.tree_cache.evictable_size()
             - sum(r.reserved for r in running))
     plan = plan_retraction(_admission_need(head, scheduler.page_size) - free, running)
-    if not plan:
-        return []
+    limit = getattr(scheduler, "max_queued_requests", None)
+    if not plan or (limit is not None and len(queue) + len(plan) > limit):
+        return []  # SGLang would abort a retracted request that overflows the queue
     return _retract(scheduler, running_batch, plan, head)
 
 
