@@ -164,8 +164,10 @@ def test_requests_finish_arrive_and_abort_during_a_precopy(srv, knobs):
             probes.join(timeout=30)
             assert result.get("status") == 200, result
             # /health asks the controller (2 s budget) while the job is polled over the
-            # same channel: it must not answer 503 mid-transformation
-            assert len(health) >= 5 and set(health) == {200}, health
+            # same channel: it must not answer 503 mid-transformation. Each probe takes
+            # >= 1 s (SGLang's /health waits for its health request) and several on this
+            # loaded box, so how many fit the transformation varies (2 to 6 seen)
+            assert health and set(health) == {200}, health
             out, done = result["out"], time.monotonic()
             assert out["precopy"]["ms"] >= 7500, out["precopy"]  # the events met it
             assert out["requests_moved"]["running"] >= 1, out
