@@ -9,7 +9,7 @@ import psutil
 import pytest
 import requests
 
-from gyges.testing.clients import greedy_outputs
+from gyges.testing.clients import generate_ids, greedy_outputs
 from gyges.testing.server import SGLangServer, cpu_env, parse_server_args, tiny_model
 from gyges.testing.tiers import ci_subset
 from gyges.testing.tiny_model import LLAMA_GQA
@@ -104,6 +104,17 @@ INVALID = [
     (["--dp-size", "2", "--pp-size", "2"], "--enable-gyges requires --pp-size 1"),
     (["--dp-size", "2", "--enable-prefill-delayer"],
      "--enable-prefill-delayer cannot be combined with --enable-gyges"),
+    (["--dp-size", "2", "--speculative-algorithm", "NGRAM"],
+     "--speculative-algorithm cannot be combined with --enable-gyges"),
+    (["--dp-size", "2", "--enable-lora", "--max-lora-rank", "8"],
+     "--enable-lora cannot be combined with --enable-gyges"),
+    (["--dp-size", "2", "--enable-hierarchical-cache"],
+     "--enable-hierarchical-cache cannot be combined with --enable-gyges"),
+    (["--dp-size", "2", "--enable-lmcache"], "--enable-lmcache cannot be combined"),
+    (["--dp-size", "2", "--disaggregation-mode", "prefill"],
+     "--disaggregation-mode cannot be combined with --enable-gyges"),
+    (["--dp-size", "2", "--enable-memory-saver"],
+     "--enable-memory-saver cannot be combined with --enable-gyges"),
 ]
 
 def _model_for(message: str) -> str:
@@ -172,3 +183,22 @@ def test_unsupported_architectures_are_refused_before_loading(tmp_path):
     proc = subprocess.run(cmd, env=cpu_env(1), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert REFUSED[0][2] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_weight_update_routes_are_refused_and_the_server_keeps_serving(llama_gyges):
+    """SGLang's weight loaders do not fit the padded MLP shards: an /update_weights_from_disk
+    ended the scheduler (IndexError) before these routes were refused."""
+    from gyges.hooks.http_server import RefusedRoutes
+
+    url = llama_gyges.url
+    before = generate_ids(url, [5, 9, 13, 17])
+    for path in sorted(RefusedRoutes.PATHS):
+        r = requests.post(url + path, json={"model_path": llama_gyges.model,
+                                            "name": "model.layers.0.mlp.down_proj.weight"},
+                          timeout=30)
+        assert r.status_code == 400, (path, r.text)
+        body = r.json()
+        assert body["success"] is False and path in body["message"], body
+        assert "--enable-gyges" in body["message"], body
+    assert generate_ids(url, [5, 9, 13, 17]) == before
+    assert requests.get(url + "/health", timeout=30).status_code == 200

@@ -61,12 +61,46 @@ class HealthGate:
         await self.app(scope, receive, send)
 
 
+class RefusedRoutes:
+    """Pure ASGI middleware: SGLang's routes that would rewrite or read the model's weights
+    as SGLang loaded them answer 400 with SGLang's own ``{"success", "message"}`` body. Under
+    Gyges the MLP weights live in padded shards (released on a merge) and the attention
+    weights are resliced per TP degree, so SGLang's weight loaders no longer fit them (an
+    ``/update_weights_from_disk`` ended the scheduler with an IndexError)."""
+
+    WHY = ("{path} is not supported with --enable-gyges: the MLP weights live in padded "
+           "shards that a merge releases and a split restores, and SGLang's weight loaders "
+           "address the weights as loaded; restart the server with the new weights")
+    PATHS = frozenset((
+        "/update_weights_from_disk", "/update_weights_from_tensor",
+        "/update_weights_from_distributed", "/update_weights_from_ipc",
+        "/init_weights_update_group", "/begin_weight_update", "/end_weight_update",
+        "/init_weights_send_group_for_remote_instance", "/send_weights_to_remote_instance",
+        "/get_weights_by_name",
+    ))
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path") if scope["type"] == "http" else None
+        if path in self.PATHS:
+            from starlette.responses import JSONResponse
+
+            response = JSONResponse({"success": False, "message": self.WHY.format(path=path)},
+                                    status_code=400)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def install_routes(app: Any, address: str, *, api_key: str | None = None,
                    admin_api_key: str | None = None) -> None:
     """``/gyges/merge``, ``/gyges/split`` and ``/gyges/debug/*`` are ADMIN_OPTIONAL like
     SGLang's own admin routes (``--admin-api-key`` only; else ``--api-key``; else open);
     ``/gyges/status`` is an ordinary route that shows process ids to admins only. Bodies
-    over 64 KiB get 413. ``/health`` answers 503 while the host is out of service."""
+    over 64 KiB get 413. ``/health`` answers 503 while the host is out of service; the
+    weight-update routes answer 400 (:class:`RefusedRoutes`)."""
     from fastapi.responses import ORJSONResponse
     from sglang.srt.utils.auth import AuthLevel, auth_level, decide_request_auth
 
@@ -179,3 +213,4 @@ def install_routes(app: Any, address: str, *, api_key: str | None = None,
     app.add_api_route("/gyges/merge", admin(gyges_merge), methods=["POST"])
     app.add_api_route("/gyges/split", admin(gyges_split), methods=["POST"])
     app.add_middleware(HealthGate, out_of_service=out_of_service)
+    app.add_middleware(RefusedRoutes)

@@ -40,10 +40,12 @@ def add_cli_args(_result: None, parser: argparse.ArgumentParser) -> None:
 
 
 def before_from_cli_args(_cls: type, args: argparse.Namespace) -> None:
-    """Refuse an architecture Gyges cannot transform before SGLang builds anything (exit 2,
-    one line); a model path without a local config.json is refused by ``from_cli_args``."""
+    """Refuse a feature or an architecture Gyges cannot transform before SGLang builds
+    anything, or validates flags of its own (exit 2, one line); a model path without a local
+    config.json is refused by ``from_cli_args``."""
     if not getattr(args, "enable_gyges", False):
         return
+    _check_features(args)
     path = os.path.join(args.model_path, "config.json")
     if not os.path.isfile(path):
         return
@@ -80,7 +82,6 @@ def from_cli_args(result: Any, _cls: type, args: argparse.Namespace) -> None:
     setattr(result, ATTR, config)
     if enabled:
         _check_serving_path(result)
-        _check_features(result)
         # The prefix cache survives transformations by walking the radix tree's nodes
         # (switch/prefix_cache); SGLang's Rust tree core exposes none, its Python core
         # does. An explicit choice is kept (then only running requests' prefixes survive).
@@ -109,9 +110,10 @@ def _check_serving_path(result: Any) -> None:
         result.attention_backend = DEFAULT_BACKEND[device]
 
 
-# SGLang features a merge cannot keep in step: merged TP ranks must schedule the same
-# batches from the same state (docs/merge-protocol.md, merge step 7), and a merge moves one
-# pipeline stage's layers. (attribute, refused when, one line)
+# SGLang features a merge cannot keep in step or does not move: merged TP ranks must
+# schedule the same batches from the same state (docs/merge-protocol.md, merge step 7); a
+# merge reshards the base model's layers of one pipeline stage and moves KV laid out
+# head-major, nothing else. (attribute, refused when, one line)
 REFUSED_FEATURES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("pp_size", lambda v: int(v or 1) > 1,
      "--enable-gyges requires --pp-size 1: a merge moves the KV and weights of one "
@@ -120,6 +122,30 @@ REFUSED_FEATURES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
      "--enable-prefill-delayer cannot be combined with --enable-gyges: the delayer "
      "negotiates over the TP group it found at startup and times its delays by each "
      "rank's clock, so the ranks of a merged group would admit prefills apart"),
+    ("speculative_algorithm", lambda v: v not in (None, "", "NONE"),
+     "--speculative-algorithm cannot be combined with --enable-gyges: a merge reshards "
+     "the target model only, not a draft model or the speculative state"),
+    ("enable_lora", bool,
+     "--enable-lora cannot be combined with --enable-gyges: LoRA adapters are sliced for "
+     "TP1 when loaded and a merge does not reshard them"),
+    ("lora_paths", bool,
+     "--lora-paths cannot be combined with --enable-gyges: LoRA adapters are sliced for "
+     "TP1 when loaded and a merge does not reshard them"),
+    ("enable_hierarchical_cache", bool,
+     "--enable-hierarchical-cache cannot be combined with --enable-gyges: HiCache's host "
+     "KV pool assumes token-major rows, the Gyges KV pool is head-major"),
+    ("enable_lmcache", bool,
+     "--enable-lmcache cannot be combined with --enable-gyges: LMCache reads the KV pool "
+     "as token-major rows, the Gyges KV pool is head-major"),
+    ("enable_flexkv", bool,
+     "--enable-flexkv cannot be combined with --enable-gyges: FlexKV reads the KV pool as "
+     "token-major rows, the Gyges KV pool is head-major"),
+    ("disaggregation_mode", lambda v: v not in (None, "", "null"),
+     "--disaggregation-mode cannot be combined with --enable-gyges: prefill/decode "
+     "disaggregation sends the KV pool's rows token-major, the Gyges KV pool is head-major"),
+    ("enable_memory_saver", bool,
+     "--enable-memory-saver cannot be combined with --enable-gyges: releasing and resuming "
+     "memory is not built for the padded MLP shards and the head-major KV pool"),
 )
 
 
