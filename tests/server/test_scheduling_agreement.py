@@ -10,10 +10,11 @@ request fitted: one prefilled it, the other decoded, and the next all-reduce mis
 from __future__ import annotations
 
 import threading
+import time
 
 import requests
 
-from gyges.testing.clients import stream_generate
+from gyges.testing.clients import generate_ids, stream_generate
 from gyges.testing.server import SGLangServer, tiny_model
 
 SLOTS = 1024  # per replica; the merged instance holds 2048
@@ -69,3 +70,55 @@ def test_merged_ranks_agree_on_admission_after_replicas_diverged():
         again: list[dict] = []  # the same request alone on the merged instance
         _stream(srv.url, LONG, LONG_NEW, again, routed_dp_rank=0).join(timeout=300)
         assert again[-1]["output_ids"] == first
+
+
+TIMEOUT_PROMPTS = [[(3 * i + j) % 300 + 5 for j in range(400)] for i in range(4)]
+TIMEOUT_NEW = 700  # 400 + 700 fits one 1200-slot replica; two such do not (one waits)
+
+
+def test_sglang_request_timeouts_abort_alike_on_a_merged_instance():
+    """SGLang's ``SGLANG_REQ_WAITING_TIMEOUT`` / ``SGLANG_REQ_RUNNING_TIMEOUT`` are decided
+    by each process's clock: TP rank 0 decides and broadcasts the aborts, or the ranks drop
+    different requests and the next collective mismatches. Requests moved into a merged
+    instance (running and waiting) time out there; every rank drops them together, the host
+    stays up, and what each stream got before its abort equals stock."""
+    with SGLangServer(tiny_model(), dp_size=1, gyges=False) as stock:
+        want = [generate_ids(stock.url, p, TIMEOUT_NEW) for p in TIMEOUT_PROMPTS]
+    srv = SGLangServer(tiny_model(), dp_size=2, gyges=True, max_total_tokens=1200,
+                       extra_args=("--gyges-policy", "round_robin",
+                                   "--gyges-split-hold-down", "600"))
+    srv.env["SGLANG_REQ_RUNNING_TIMEOUT"] = "3"
+    srv.env["SGLANG_REQ_WAITING_TIMEOUT"] = "3"
+    with srv:
+        got: dict[int, list[dict]] = {i: [] for i in range(len(TIMEOUT_PROMPTS))}
+        threads = []
+        for i, p in enumerate(TIMEOUT_PROMPTS):  # in order: round robin, 2 per replica
+            threads.append(threading.Thread(target=stream_generate, args=(srv.url, p, TIMEOUT_NEW),
+                                            kwargs={"chunks": got[i]}))
+            threads[-1].start()
+            time.sleep(0.05)
+        deadline = time.monotonic() + 60
+        while True:  # one runs and one waits on each replica
+            inst = requests.get(srv.url + "/gyges/status", timeout=30).json()["instances"]
+            if sum(x["running"] for x in inst) >= 2 and sum(x["waiting"] for x in inst) >= 2:
+                break
+            assert time.monotonic() < deadline, inst
+            time.sleep(0.05)
+        r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
+        assert r.status_code == 200, r.text
+        moved = r.json()["requests_moved"]
+        assert moved["running"] >= 1 and moved["waiting"] >= 1, moved
+        for t in threads:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in threads), "a stream did not return"
+        reasons = [c[-1]["meta_info"]["finish_reason"] for c in got.values()]
+        timed_out = [f for f in reasons if f["type"] == "abort"]
+        assert timed_out, f"no timeout fired on the merged instance: {reasons}"
+        for f in timed_out:
+            assert f["status_code"] == 503 and "timeout reached" in f["message"], f
+        for i, chunks in got.items():
+            out = chunks[-1]["output_ids"]
+            assert out == want[i][:len(out)], i
+        assert requests.get(srv.url + "/health", timeout=30).status_code == 200
+        r = requests.post(srv.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120)
+        assert r.status_code == 200, r.text
