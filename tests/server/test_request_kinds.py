@@ -162,17 +162,29 @@ def test_every_request_kind_moves_across_merge_and_split(srv_sync, stock_outputs
     # grammar) last, so that all are still running at the merge.
     extras = [{**_extra(k), "routed_dp_rank": i % 2} for i, k in enumerate(KINDS)]
     order = [*range(3, len(PROMPTS)), *range(3)]
-    threads, got = [], {}
-    for part in (order[:-3], order[-3:]):
-        th, g = start_streams(srv.url, [PROMPTS[i] for i in part], NEW, min_chunks=3,
-                              extras=[extras[i] for i in part], timeout_s=300)
-        threads += th
-        got.update({part[j]: chunks for j, chunks in g.items()})
-    r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
-    assert r.status_code == 200, r.text
-    moved = r.json()["requests_moved"]
-    assert moved["running"] + moved["waiting"] == len(PROMPTS), (
-        moved, requests.get(srv.url + "/gyges/status", timeout=30).json()["scheduler"])
+    history = []
+    for _attempt in range(3):
+        threads, got = [], {}
+        for part in (order[:-3], order[-3:]):
+            th, g = start_streams(srv.url, [PROMPTS[i] for i in part], NEW, min_chunks=3,
+                                  extras=[extras[i] for i in part], timeout_s=300)
+            threads += th
+            got.update({part[j]: chunks for j, chunks in g.items()})
+        r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=120)
+        assert r.status_code == 200, r.text
+        moved = r.json()["requests_moved"]
+        if moved["running"] + moved["waiting"] == len(PROMPTS):
+            break
+        # Some streams ended before the cutover: one replica ran ~900 tokens ahead while
+        # the other took 4 s to admit its third stream (slow-tier run of 2026-12-07). Such
+        # an attempt proves nothing; its streams end, the group splits, and it is repeated.
+        history.append((moved, [len(got[i]) for i in range(len(PROMPTS))]))
+        for t in threads:
+            t.join(timeout=600)
+        r = requests.post(srv.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120)
+        assert r.status_code == 200, r.text
+    else:
+        raise AssertionError(f"the merge never met every stream: {history}")
     r = requests.post(srv.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=120)
     assert r.status_code == 200, r.text
     after_split = [len(got[i]) for i in range(len(PROMPTS))]
