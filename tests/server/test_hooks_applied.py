@@ -11,6 +11,8 @@ import pkgutil
 import pytest
 
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+# the test-only plugin (gyges.testing.cpu_deterministic) registers its hook too: checked alike
+os.environ.setdefault("GYGES_TEST_CPU_DETERMINISTIC", "1")
 
 
 def test_every_registered_target_is_wrapped() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from gyges.testing.clients import start_streams, stream_generate, wait_for_more_chunks
+from gyges.testing.clients import merge_and_split_through, start_streams, stream_generate
 from gyges.testing.server import SGLangServer, tiny_model
 from gyges.testing.tiers import ci_subset
 
@@ -41,15 +41,7 @@ def test_triton_backend_merge_and_split_equal_stock(case):
         assert info["attention_backend"] == "triton"
         threads, got = start_streams(srv.url, PROMPTS, NEW_TOKENS, min_chunks=3,
                                      timeout_s=300)
-        r = requests.post(srv.url + "/gyges/merge", json={"ranks": [0, 1]}, timeout=300)
-        assert r.status_code == 200, r.text
-        assert r.json()["requests_moved"]["running"] >= 2, r.json()["requests_moved"]
-        wait_for_more_chunks(got, 3, timeout_s=300)
-        r = requests.post(srv.url + "/gyges/split", json={"ranks": [0, 1]}, timeout=300)
-        assert r.status_code == 200, r.text
-        assert r.json()["requests_moved"]["running"] >= 1, r.json()["requests_moved"]
-        for t in threads:
-            t.join(timeout=600)
+        merge_and_split_through(srv.url, threads, got)
         for i, w in enumerate(want):
             assert got[i][-1]["output_ids"] == w, f"{case} stream {i} differs from stock"
 

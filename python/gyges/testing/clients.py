@@ -139,6 +139,23 @@ def wait_for_more_chunks(got: dict[int, list[dict]], chunks: int,
         time.sleep(0.05)
 
 
+def merge_and_split_through(url: str, threads: list[threading.Thread],
+                            got: dict[int, list[dict]], ranks: list[int] | None = None,
+                            merge_running: int = 2, timeout_s: float = 300.0) -> None:
+    """Merge ``ranks`` (default [0, 1]) while the streams of :func:`start_streams` run, let
+    each decode 3 more chunks, split back, and join the streams. Asserts that the merge moved
+    at least ``merge_running`` running requests and the split at least one."""
+    ranks = ranks or [0, 1]
+    for op, least in (("merge", merge_running), ("split", 1)):
+        r = requests.post(f"{url}/gyges/{op}", json={"ranks": ranks}, timeout=timeout_s)
+        assert r.status_code == 200, r.text
+        assert r.json()["requests_moved"]["running"] >= least, (op, r.json()["requests_moved"])
+        if op == "merge":
+            wait_for_more_chunks(got, 3, timeout_s=timeout_s)
+    for t in threads:
+        t.join(timeout=2 * timeout_s)
+
+
 def abort_once_past(url: str, threads: list[threading.Thread], got: dict[int, list[dict]],
                     tokens: int, timeout_s: float = 600.0) -> list[dict]:
     """Wait until every stream of :func:`start_streams` has streamed ``tokens`` output
