@@ -33,19 +33,27 @@ def test_ties_retract_the_latest_in_the_batch_first() -> None:
     assert plan_retraction(150, running) == [2, 3]
 
 
+def test_a_request_is_retracted_at_most_max_retractions_times() -> None:
+    running = [Running(0, 300, 0, 1, retracted=1), Running(1, 300, 0, 40)]
+    assert plan_retraction(300, running) == [1]
+    assert plan_retraction(301, running) is None  # the once-retracted one is kept
+    assert plan_retraction(301, running, max_retractions=2) == [0, 1]
+    assert plan_retraction(1, running, max_retractions=0) is None  # never retract
+
+
 @given(st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 500), st.integers(0, 300),
-                          st.booleans()), max_size=12),
-       st.integers(-100, 20000))
+                          st.booleans(), st.integers(0, 2)), max_size=12),
+       st.integers(-100, 20000), st.integers(0, 3))
 def test_a_plan_frees_enough_retracts_only_short_and_is_minimal(
-        rows: list[tuple[int, int, int, bool]], shortfall: int) -> None:
-    running = [Running(i, h, r, p, keep) for i, (h, r, p, keep) in enumerate(rows)]
-    plan = plan_retraction(shortfall, running)
-    short = [r for r in running if not r.keep]
+        rows: list[tuple[int, int, int, bool, int]], shortfall: int, bound: int) -> None:
+    running = [Running(i, h, r, p, keep, n) for i, (h, r, p, keep, n) in enumerate(rows)]
+    plan = plan_retraction(shortfall, running, bound)
+    short = [r for r in running if not r.keep and r.retracted < bound]
     if plan is None:
         assert sum(r.held + r.reserved for r in short) < shortfall
         return
     chosen = [running[i] for i in plan]
-    assert all(not r.keep for r in chosen)
+    assert all(not r.keep and r.retracted < bound for r in chosen)
     freed = sum(r.held + r.reserved for r in chosen)
     assert freed >= shortfall or plan == []
     if chosen:  # the last one added was needed

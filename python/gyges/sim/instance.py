@@ -37,7 +37,7 @@ class StepModel(Protocol):
 
 class SimRequest:
     __slots__ = ("arrival", "c0", "carried", "done_step", "failed", "finish", "first_token",
-                 "need", "output", "prompt", "rid", "start_step")
+                 "need", "output", "prompt", "retracted", "rid", "start_step")
 
     def __init__(self, rid: int, arrival: float, prompt: int, output: int) -> None:
         self.rid, self.arrival, self.prompt, self.output = rid, arrival, prompt, output
@@ -49,6 +49,7 @@ class SimRequest:
         self.done_step = 0
         self.c0 = 0  # KV tokens it holds = c0 + the instance's decode step counter
         self.carried = 0  # output tokens it had when it was last retracted (recomputed)
+        self.retracted = 0  # times retracted for long requests
 
 
 Finished = Callable[["SimRequest"], None]
@@ -239,7 +240,8 @@ class Instance:
         shortfall = self.waiting[0].need - (self.capacity - self.used)
         rows = sorted(self.running)
         plan = plan_retraction(shortfall, [
-            Running(i, r.need, 0, r.output - (done - self.steps), keep=r.need > above)
+            Running(i, r.need, 0, r.output - (done - self.steps), keep=r.need > above,
+                    retracted=r.retracted)
             for i, (done, _, r) in enumerate(rows)])
         if not plan:
             return
@@ -251,6 +253,7 @@ class Instance:
             self._ctx0 -= r.c0
             self.used -= r.need
             r.carried = r.output - (done - self.steps)
+            r.retracted += 1
             self.waiting.append(r)
             self.waiting_need += r.need
             self.retracted += 1

@@ -36,7 +36,9 @@ def long_requests_first(queue: list[Any]) -> None:
 
 def make_room(scheduler: Any, running_batch: Any, replica_usable: int) -> list[str]:
     """Mark and front the long waiting requests; retract short running ones until the
-    first long request fits. Returns the rids retracted (usually none)."""
+    first long request fits; none retracted before (SGLang counts ``retraction_count``, and
+it moves with the request in a transformation). Returns the rids retracted (usually
+none)."""
     queue = scheduler.waiting_queue
     for r in queue:
         if not is_long(r) and _need(r) > replica_usable:
@@ -47,7 +49,8 @@ def make_room(scheduler: Any, running_batch: Any, replica_usable: int) -> list[s
     head = queue[0]
     ratio = float(scheduler.new_token_ratio_tracker.current)
     running = [Running(i, _held(r), _reserved(r, ratio), len(r.output_ids),
-                       keep=_need(r) > replica_usable or not retractable(r))
+                       keep=_need(r) > replica_usable or not retractable(r),
+                       retracted=int(getattr(r, "retraction_count", 0)))
                for i, r in enumerate(running_batch.reqs) if not r.finished()]
     free = (scheduler.token_to_kv_pool_allocator.available_size()
             + scheduler.tree_cache.evictable_size()
