@@ -43,6 +43,16 @@ def test_short_goes_to_least_loaded_unreserved_tp1():
     assert decide(host([500, 100, 50, 900], reserved={2, 3}), 100) == Dispatch(1)
 
 
+def test_short_goes_where_fewest_requests_wait_then_least_kv() -> None:
+    """KV load alone herds requests onto the replica that is prefilling the last one."""
+    insts = (InstanceView((0,), CAP, 100, 2, waiting=1), InstanceView((1,), CAP, 600, 3),
+             InstanceView((2,), CAP, 400, 3))
+    h = HostView(insts, CAP, 4)
+    assert decide(h, 100) == Dispatch(2)  # 0 has one waiting; 2 beats 1 on KV
+    assert decide(h, 100, "llf") == Dispatch(0)  # the baseline stays KV-only
+    assert decide(h, 700) == Dispatch(0)  # only 0 has room for it
+
+
 def test_short_prefers_tp1_with_room_over_merged():
     h = host([0, 0, 950, 0], merged=[(0, 1)])
     assert decide(h, 100) == Dispatch(3)

@@ -73,7 +73,7 @@ def test_ledger_counts_dispatches_newer_than_the_snapshot():
     ledger.record(0, 70, long=False, t=11.0)
     ledger.update(topo, loads)
     inst = topo.instance_of(0)
-    assert ledger.load(inst, topo, loads) == (170, 2, 0)
+    assert ledger.load(inst, topo, loads) == (170, 2, 0, 1)  # the newer one has not started
     loads = {0: RankLoad(running=0, total_tokens=0, timestamp=12.0)}
     ledger.update(topo, loads)
     assert len(ledger) == 0 and ledger.idle(inst, topo, loads)
@@ -86,7 +86,7 @@ def test_ledger_keeps_long_requests_until_an_idle_snapshot_after_them():
     ledger.record(0, 1500, long=True, t=10.0)
     busy = {r: RankLoad(running=1, total_tokens=600, timestamp=11.0) for r in (0, 1)}
     ledger.update(topo, busy)
-    assert ledger.load(inst, topo, busy) == (1500, 1, 1)  # its full need counts
+    assert ledger.load(inst, topo, busy) == (1500, 1, 1, 0)  # its full need counts
     early_idle = {r: RankLoad(timestamp=10.0 + SETTLE_S / 2) for r in (0, 1)}
     ledger.update(topo, early_idle)  # may predate the request's arrival
     assert not ledger.idle(inst, topo, early_idle)

@@ -33,6 +33,7 @@ class InstanceLoad(NamedTuple):
     used_tokens: int
     requests: int  # running + waiting, including dispatches newer than the snapshot
     long_running: int  # long requests that may still run there
+    waiting: int = 0  # requests not started: the snapshot's waiting ones + newer dispatches
 
 
 class DispatchLedger:
@@ -74,7 +75,8 @@ class DispatchLedger:
         snap = [loads.get(r, RankLoad()) for r in inst.ranks]
         used = max(max(x.total_tokens for x in snap), held) + sum(e.need for e in recent)
         requests = max(x.running + x.waiting for x in snap) + len(recent)
-        return InstanceLoad(used, requests, sum(e.long for e in mine))
+        waiting = max(x.waiting for x in snap) + len(recent)
+        return InstanceLoad(used, requests, sum(e.long for e in mine), waiting)
 
     def idle(self, inst: Instance, topology: Topology, loads: Mapping[int, RankLoad]) -> bool:
         """No request known to run or wait there."""

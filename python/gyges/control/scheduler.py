@@ -206,7 +206,8 @@ class TransformationScheduler:
             reported = self.reported_capacity.get(inst.ranks)
             cap = (usable_tokens(reported, self.page_size) if reported is not None
                    else inst.tp * rank_usable)
-            instances.append(InstanceView(inst.ranks, cap, load.used_tokens, load.requests))
+            instances.append(InstanceView(inst.ranks, cap, load.used_tokens, load.requests,
+                                          load.waiting))
         reserved = frozenset(r for g in self.reservations for r in g) | self.host.paused()
         return HostView(tuple(instances), rank_usable, self.config.max_tp, reserved)
 

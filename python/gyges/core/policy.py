@@ -22,12 +22,16 @@ from gyges.core.degrees import is_power_of_two
 
 @dataclass(frozen=True)
 class InstanceView:
-    """One instance as the scheduler sees it. ``ranks`` is an aligned group."""
+    """One instance as the scheduler sees it. ``ranks`` is an aligned group. ``running``:
+    requests placed there (running and waiting); ``waiting``: those of them that have not
+    started (queued, in the prefill its last load snapshot did not see end, or dispatched
+    after that snapshot)."""
 
     ranks: tuple[int, ...]
     capacity_tokens: int
     used_tokens: int = 0
     running: int = 0
+    waiting: int = 0
 
     @property
     def leader(self) -> int:
@@ -129,7 +133,7 @@ def _place_short(host: HostView, need: int, policy: str, counter: int) -> Decisi
     free = [i for i in host.instances if not (set(i.ranks) & host.reserved)]
     fitting_tp1 = [i for i in free if i.tp == 1 and i.free_tokens >= need]
     if fitting_tp1:
-        return _least_loaded(host, fitting_tp1)
+        return _least_queued(fitting_tp1)
     fitting = [i for i in free if i.free_tokens >= need]
     if fitting:
         return _least_loaded(host, fitting)
@@ -169,6 +173,17 @@ def _least_loaded(host: HostView, among: list[InstanceView] | None = None) -> Di
     pool = among if among is not None else list(host.instances)
     best = min(pool, key=lambda i: (i.used_tokens / max(i.capacity_tokens, 1), i.running,
                                     i.leader))
+    return Dispatch(best.leader)
+
+
+def _least_queued(pool: list[InstanceView]) -> Dispatch:
+    """The instance with the fewest requests not yet started, then the least KV load.
+    KV load alone herds: the replica whose requests just finished stays the least loaded
+    while it prefills the first request sent to it, so the next ones queue behind that
+    prefill while other replicas could start them (in the simulator, Llama-3-8B on the
+    Mooncake conversation trace: TTFT p50 924 ms against 469 ms for round robin)."""
+    best = min(pool, key=lambda i: (i.waiting, i.used_tokens / max(i.capacity_tokens, 1),
+                                    i.running, i.leader))
     return Dispatch(best.leader)
 
 

@@ -107,8 +107,10 @@ class SimHost:
         ts = self.loop.now + 1e-6  # a snapshot taken now (sim state is exact)
         out = {}
         for inst in self.instances.values():
-            load = RankLoad(len(inst.running), len(inst.waiting), inst.used,
-                            inst.used + inst.waiting_need, ts)
+            # SGLang publishes its load after each batch: a request in the prefill in
+            # flight was still waiting in the last snapshot
+            load = RankLoad(len(inst.running), len(inst.waiting) + inst.prefilling,
+                            inst.used, inst.used + inst.waiting_need, ts)
             for r in inst.ranks:
                 out[r] = load
         return out

@@ -81,6 +81,7 @@ class Instance:
         self._handle: Handle | None = None
         self._seg: tuple[float, float, int] | None = None  # decode: start, step_s, steps
         self._prefilling = False
+        self.prefilling = 0  # requests in the prefill in flight
         self._prefill_dt: float | None = None
         self._pause_cb: Callable[[], None] | None = None
         self.paused = False
@@ -183,6 +184,7 @@ class Instance:
             pairs = sum((r.prompt + r.carried) ** 2 / 2 for r in admitted)
             dt = self.step.prefill(tokens, pairs, len(admitted)) * self._scale()
             self._prefilling, self._prefill_dt = True, dt
+            self.prefilling = len(admitted)
             self.busy_s += dt
             self._handle = self.loop.after(dt, lambda: self._prefilled(admitted))
             return
@@ -207,6 +209,7 @@ class Instance:
 
     def _prefilled(self, admitted: list[SimRequest]) -> None:
         self._prefilling = False
+        self.prefilling = 0
         now = self.loop.now
         first = [r for r in admitted if r.first_token is None]  # not recomputed ones
         for r in admitted:
