@@ -169,11 +169,13 @@ def _place_long(host: HostView, need: int, degree: int, policy: str, counter: in
     return Merge(min(groups, key=lambda g: (host.group_load(g), g[0])))
 
 
+def _load(i: InstanceView) -> tuple[float, int, int]:
+    return i.used_tokens / max(i.capacity_tokens, 1), i.running, i.leader
+
+
 def _least_loaded(host: HostView, among: list[InstanceView] | None = None) -> Dispatch:
     pool = among if among is not None else list(host.instances)
-    best = min(pool, key=lambda i: (i.used_tokens / max(i.capacity_tokens, 1), i.running,
-                                    i.leader))
-    return Dispatch(best.leader)
+    return Dispatch(min(pool, key=_load).leader)
 
 
 def _least_queued(pool: list[InstanceView]) -> Dispatch:
@@ -182,9 +184,7 @@ def _least_queued(pool: list[InstanceView]) -> Dispatch:
     while it prefills the first request sent to it, so the next ones queue behind that
     prefill while other replicas could start them (in the simulator, Llama-3-8B on the
     Mooncake conversation trace: TTFT p50 924 ms against 469 ms for round robin)."""
-    best = min(pool, key=lambda i: (i.waiting, i.used_tokens / max(i.capacity_tokens, 1),
-                                    i.running, i.leader))
-    return Dispatch(best.leader)
+    return Dispatch(min(pool, key=lambda i: (i.waiting, *_load(i))).leader)
 
 
 def splits_due(host: HostView, last_long_seen: dict[int, float], now: float,

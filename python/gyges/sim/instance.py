@@ -80,8 +80,7 @@ class Instance:
         self._ctx0 = 0  # sum over running of prompt + 1 - start_step
         self._handle: Handle | None = None
         self._seg: tuple[float, float, int] | None = None  # decode: start, step_s, steps
-        self._prefilling = False
-        self.prefilling = 0  # requests in the prefill in flight
+        self.prefilling = 0  # requests in the prefill in flight (0: none in flight)
         self._prefill_dt: float | None = None
         self._pause_cb: Callable[[], None] | None = None
         self.paused = False
@@ -107,7 +106,7 @@ class Instance:
             return
         self.waiting.append(req)
         self.waiting_need += req.need
-        if self.paused or self._prefilling:
+        if self.paused or self.prefilling:
             return
         if self._seg is None:
             self._next()
@@ -143,7 +142,7 @@ class Instance:
     def pause(self, cb: Callable[[], None]) -> None:
         """Stop at the next step boundary, then call ``cb``."""
         self._pause_cb = cb
-        if self._seg is None and not self._prefilling:
+        if self._seg is None and not self.prefilling:
             self._paused_now()
         elif self._seg is not None:
             self._cut()
@@ -183,8 +182,7 @@ class Instance:
             tokens = sum(r.prompt + r.carried for r in admitted)
             pairs = sum((r.prompt + r.carried) ** 2 / 2 for r in admitted)
             dt = self.step.prefill(tokens, pairs, len(admitted)) * self._scale()
-            self._prefilling, self._prefill_dt = True, dt
-            self.prefilling = len(admitted)
+            self.prefilling, self._prefill_dt = len(admitted), dt
             self.busy_s += dt
             self._handle = self.loop.after(dt, lambda: self._prefilled(admitted))
             return
@@ -208,7 +206,6 @@ class Instance:
         self._handle = self.loop.at(start + done * dt, lambda: self._decoded(done))
 
     def _prefilled(self, admitted: list[SimRequest]) -> None:
-        self._prefilling = False
         self.prefilling = 0
         now = self.loop.now
         first = [r for r in admitted if r.first_token is None]  # not recomputed ones
@@ -266,7 +263,7 @@ class Instance:
         step SGLang still launches for the requests it has not yet seen finish."""
         if self._seg is not None and self._seg[0] == now:
             return self._seg[1]
-        if self._prefilling and self._prefill_dt is not None:
+        if self.prefilling and self._prefill_dt is not None:
             return self._prefill_dt
         return self.step.decode(len(admitted), sum(r.prompt + 1 for r in admitted)) * \
             self._scale()

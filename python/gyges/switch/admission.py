@@ -36,9 +36,9 @@ def long_requests_first(queue: list[Any]) -> None:
 
 def make_room(scheduler: Any, running_batch: Any, replica_usable: int) -> list[str]:
     """Mark and front the long waiting requests; retract short running ones until the
-    first long request fits; none retracted before (SGLang counts ``retraction_count``, and
-it moves with the request in a transformation). Returns the rids retracted (usually
-none)."""
+    first long request fits; none retracted before (SGLang counts ``retraction_count``,
+    and it moves with the request in a transformation). Returns the rids retracted
+    (usually none)."""
     queue = scheduler.waiting_queue
     for r in queue:
         if not is_long(r) and _need(r) > replica_usable:
